@@ -1,0 +1,207 @@
+"""GPT-2 built from tensor-parallel layers.
+
+The architecture is GPT-2's: learned position embeddings, pre-LayerNorm blocks of causal
+self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the token embedding.
+
+A `GPTChunk` is a contiguous range of blocks, plus the embeddings when it is the first stage and
+the final LayerNorm and head when it is the last. The single-process model is one chunk with every
+block, both ends and a mesh of one rank; a pipeline stage is a chunk with fewer blocks. Blocks
+live in a ModuleDict keyed by their global index, so parameter names (`transformer.h.5.attn...`)
+are the same whichever rank holds them, and they match the names of a Hugging Face GPT-2
+checkpoint (whose Conv1D weights are the transpose of these nn.Linear-layout weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import GPTConfig
+from parallel import comm
+from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.dropout import GlobalSlice, dropout_key, hashed_dropout
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, linear_with_tp_input
+from parallel.mesh import Group
+
+# Dropout sites inside a block, part of each dropout key.
+_EMBEDDING, _ATTENTION_PROBS, _ATTENTION_OUT, _MLP_OUT = range(4)
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass needs besides its input: where the micro-batch sits in the global
+    batch (for layout-invariant dropout) and how the loss is scaled."""
+
+    seed: int = 0
+    step: int = 0
+    sample_offset: int = 0  # global index of this micro-batch's first sequence
+    global_batch: int = 1  # sequences in the global batch
+    loss_scale: float = 1.0  # the loss is sum(token losses) * loss_scale
+    position_offset: int = 0  # position of the first input token (non-zero with a KV cache)
+    training: bool = True
+
+
+class Attention(nn.Module):
+    """Causal self-attention with whole heads split over the TP group."""
+
+    def __init__(self, config: GPTConfig, group: Group, layer: int, dtype=None, device=None):
+        super().__init__()
+        if config.n_head % group.size != 0:
+            raise ValueError(f"n_head={config.n_head} must be divisible by tp={group.size}")
+        self.config = config
+        self.group = group
+        self.layer = layer
+        self.local_heads = config.n_head // group.size
+        self.first_head = group.rank * self.local_heads
+        h = config.n_embd
+        # Fused QKV: the full weight stacks the Q, K and V rows; blocks=3 gives each rank the
+        # Q, K and V rows of its own heads.
+        self.c_attn = ColumnParallelLinear(h, 3 * h, group, blocks=3, dtype=dtype, device=device)
+        self.c_proj = RowParallelLinear(h, h, group, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        nh, hd = self.local_heads, self.config.head_dim
+        q, k, v = self.c_attn(x).split(nh * hd, dim=-1)
+        q = q.view(b, s, nh, hd).transpose(1, 2)  # (b, nh, s, hd)
+        k = k.view(b, s, nh, hd).transpose(1, 2)
+        v = v.view(b, s, nh, hd).transpose(1, 2)
+
+        p = self.config.dropout if ctx.training else 0.0
+        if p == 0.0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = self._attention_with_dropout(q, k, v, p, ctx)
+
+        y = y.transpose(1, 2).reshape(b, s, nh * hd)  # (b, s, h / tp)
+        return self.c_proj(y)
+
+    def _attention_with_dropout(self, q, k, v, p: float, ctx: ForwardContext) -> torch.Tensor:
+        b, nh, s, hd = q.shape
+        scores = q.matmul(k.transpose(-2, -1)) * hd**-0.5  # (b, nh, s, s)
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        where = GlobalSlice(
+            sizes=(ctx.global_batch, self.config.n_head, s, s),
+            offsets=(ctx.sample_offset, self.first_head, 0, 0),
+        )
+        key = dropout_key(ctx.seed, ctx.step, self.layer, _ATTENTION_PROBS)
+        return hashed_dropout(probs, p, key, where).matmul(v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, group: Group, dtype=None, device=None):
+        super().__init__()
+        self.c_fc = ColumnParallelLinear(config.n_embd, config.ffn_size, group, dtype=dtype, device=device)
+        self.c_proj = RowParallelLinear(config.ffn_size, config.n_embd, group, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, group: Group, layer: int, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype, device=device)
+        self.attn = Attention(config, group, layer, dtype=dtype, device=device)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype, device=device)
+        self.mlp = MLP(config, group, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self._dropout(self.attn(self.ln_1(x), ctx), ctx, _ATTENTION_OUT)
+        x = x + self._dropout(self.mlp(self.ln_2(x)), ctx, _MLP_OUT)
+        return x
+
+    def _dropout(self, x: torch.Tensor, ctx: ForwardContext, site: int) -> torch.Tensor:
+        p = self.config.dropout if ctx.training else 0.0
+        if p == 0.0:
+            return x
+        return hashed_dropout(x, p, dropout_key(ctx.seed, ctx.step, self.layer, site),
+                              _hidden_slice(x, ctx))
+
+
+def _hidden_slice(x: torch.Tensor, ctx: ForwardContext) -> GlobalSlice:
+    """Where a (b, s, h) hidden state sits in the global (batch, sequence, hidden) tensor."""
+    b, s, h = x.shape
+    return GlobalSlice(sizes=(ctx.global_batch, s, h),
+                       offsets=(ctx.sample_offset, ctx.position_offset, 0))
+
+
+class GPTChunk(nn.Module):
+    """A contiguous range of blocks, with the embeddings if `first` and the head if `last`.
+
+    forward(inputs, ctx, targets):
+      inputs: token ids (b, s) on the first stage, else the hidden state (b, s, h).
+      returns: the hidden state (b, s, h) unless `last`; on the last stage the scaled loss sum
+        when `targets` is given, else this rank's slice of the logits (b, s, V_padded / tp) with
+        padding columns at -inf.
+
+    `wte` may be passed in to share the token embedding with another chunk on the same rank.
+    """
+
+    def __init__(self, config: GPTConfig, group: Group, layers: range, first: bool, last: bool,
+                 wte: VocabParallelEmbedding | None = None, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.group = group
+        self.layers = layers
+        self.first = first
+        self.last = last
+        self.transformer = nn.Module()
+        if first or last:
+            self.transformer.wte = wte if wte is not None else VocabParallelEmbedding(
+                config.vocab_size, config.n_embd, group, dtype=dtype, device=device)
+        if first:
+            self.transformer.wpe = nn.Embedding(config.n_positions, config.n_embd, dtype=dtype, device=device)
+        self.transformer.h = nn.ModuleDict(
+            {str(i): Block(config, group, i, dtype=dtype, device=device) for i in layers}
+        )
+        if last:
+            self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, dtype=dtype, device=device)
+
+    def forward(self, inputs: torch.Tensor, ctx: ForwardContext,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(inputs, ctx) if self.first else inputs
+        for block in self.transformer.h.values():
+            x = block(x, ctx)
+        if not self.last:
+            return x
+        logits = self.logits(x)
+        if targets is None:
+            return logits
+        wte = self.transformer.wte
+        token_losses = vocab_parallel_cross_entropy(logits, targets, self.group, wte.vocab_start)
+        return token_losses.sum() * ctx.loss_scale
+
+    def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        s = ids.shape[1]
+        if ctx.position_offset + s > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {ctx.position_offset + s} tokens exceeds n_positions="
+                f"{self.config.n_positions}"
+            )
+        positions = torch.arange(ctx.position_offset, ctx.position_offset + s, device=ids.device)
+        x = self.transformer.wte(ids) + self.transformer.wpe(positions)
+        p = self.config.dropout if ctx.training else 0.0
+        if p == 0.0:
+            return x
+        return hashed_dropout(x, p, dropout_key(ctx.seed, ctx.step, -1, _EMBEDDING),
+                              _hidden_slice(x, ctx))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the final LayerNorm and the tied head; return this rank's vocabulary slice."""
+        x = self.transformer.ln_f(x)
+        wte = self.transformer.wte
+        logits = linear_with_tp_input(x, wte.weight, None, self.group)
+        padding = wte.local_vocab_mask()
+        if padding is not None:
+            logits = logits.masked_fill(padding, float("-inf"))
+        return logits

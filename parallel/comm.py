@@ -1,0 +1,226 @@
+"""Communication: the raw collectives, a ledger that counts them, and autograd-aware TP ops.
+
+Every collective and point-to-point op that microtron issues goes through the functions in the
+first half of this file, so one place decides the backend call and one place counts the traffic.
+
+The second half holds the autograd functions of Megatron-style tensor parallelism. They come in
+conjugate pairs (Shoeybi et al. 2019): `copy_to_tp` is the identity forward and an all-reduce
+backward, `reduce_from_tp` is an all-reduce forward and the identity backward; `split_last_dim`
+and `gather_last_dim` are likewise each other's backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import Group
+
+# torch 2.13 renamed the tensor forms of all-gather and reduce-scatter; older releases (>= 2.4,
+# which setup.cfg admits) only have the old names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# The ledger
+
+
+@dataclass
+class Ledger:
+    """Counts of communication ops per (op, group), with the elements and bytes they carried.
+
+    Elements are counted as the size of the tensor handed to the op on this rank (for an all-gather
+    the gathered output, for a reduce-scatter the full input), which is the convention of the
+    volume formulas in Narayanan et al. 2021.
+    """
+
+    calls: dict = field(default_factory=lambda: defaultdict(int))
+    elements: dict = field(default_factory=lambda: defaultdict(int))
+    bytes: dict = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
+        key = (op, group_name)
+        self.calls[key] += 1
+        self.elements[key] += tensor.numel()
+        self.bytes[key] += tensor.numel() * tensor.element_size()
+
+    def total_elements(self, op: str | None = None, group_name: str | None = None) -> int:
+        return sum(
+            n for (o, g), n in self.elements.items()
+            if (op is None or o == op) and (group_name is None or g == group_name)
+        )
+
+    def total_calls(self, op: str | None = None, group_name: str | None = None) -> int:
+        return sum(
+            n for (o, g), n in self.calls.items()
+            if (op is None or o == op) and (group_name is None or g == group_name)
+        )
+
+    def rows(self) -> list[tuple[str, str, int, int, int]]:
+        """Return (op, group, calls, elements, bytes) rows, sorted by op and group."""
+        return [
+            (op, group, self.calls[(op, group)], self.elements[(op, group)], self.bytes[(op, group)])
+            for op, group in sorted(self.calls)
+        ]
+
+
+_active_ledgers: list[Ledger] = []
+
+
+@contextlib.contextmanager
+def recording(ledger: Ledger):
+    """Record every communication op issued inside the block into `ledger`."""
+    _active_ledgers.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _active_ledgers.remove(ledger)
+
+
+def _record(op: str, group_name: str, tensor: torch.Tensor) -> None:
+    for ledger in _active_ledgers:
+        ledger.record(op, group_name, tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw collectives. A group of one member communicates nothing and records nothing.
+
+
+def all_reduce(tensor: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """All-reduce `tensor` in place over `group`; return the work handle when `async_op`."""
+    if group.size == 1:
+        return None
+    _record("all_reduce", group.name, tensor)
+    return dist.all_reduce(tensor, op=op, group=group.pg, async_op=async_op)
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group: Group, async_op=False):
+    """Gather `tensor` from every member into `output`, concatenated along dim 0."""
+    if group.size == 1:
+        output.copy_(tensor)
+        return None
+    _record("all_gather", group.name, output)
+    return _all_gather_tensor(output, tensor, group=group.pg, async_op=async_op)
+
+
+def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group: Group,
+                        op=dist.ReduceOp.SUM, async_op=False):
+    """Sum `tensor` over `group` and keep this member's slice of dim 0 in `output`."""
+    if group.size == 1:
+        output.copy_(tensor)
+        return None
+    _record("reduce_scatter", group.name, tensor)
+    return _reduce_scatter_tensor(output, tensor, op=op, group=group.pg, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src_index: int, group: Group):
+    """Broadcast `tensor` in place from the member at index `src_index` of `group`."""
+    if group.size == 1:
+        return None
+    _record("broadcast", group.name, tensor)
+    return dist.broadcast(tensor, src=group.global_rank(src_index), group=group.pg)
+
+
+def isend(tensor: torch.Tensor, peer: int, group: Group, tag: int):
+    """Post a non-blocking send of `tensor` to the global rank `peer`; return its work handle."""
+    _record("send", group.name, tensor)
+    return dist.isend(tensor, dst=peer, group=group.pg, tag=tag)
+
+
+def irecv(tensor: torch.Tensor, peer: int, group: Group, tag: int):
+    """Post a non-blocking receive into `tensor` from the global rank `peer`."""
+    _record("recv", group.name, tensor)
+    return dist.irecv(tensor, src=peer, group=group.pg, tag=tag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd-aware ops for tensor parallelism
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward (Megatron's `f`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        all_reduce(grad, ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """All-reduce forward, identity backward (Megatron's `g`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        all_reduce(x, group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    size = x.shape[-1] // group.size
+    return x[..., group.rank * size:(group.rank + 1) * size].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    # The tensor all-gather concatenates along dim 0, so gather with the last dim moved first.
+    moved = x.movedim(-1, 0).contiguous()
+    out = torch.empty((group.size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    all_gather_into(out, moved, group)
+    return out.movedim(0, -1)
+
+
+class _SplitLastDim(torch.autograd.Function):
+    """Keep this rank's slice of the last dim forward, all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim forward, keep this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group.size == 1 else _CopyToGroup.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group.size == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group.size == 1 else _SplitLastDim.apply(x, group)
+
+
+def gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group.size == 1 else _GatherLastDim.apply(x, group)

@@ -1,0 +1,253 @@
+"""Tensor-parallel layers: column- and row-parallel linear layers and a vocab-parallel embedding.
+
+Each parameter that TP splits carries a `ShardSpec` in the attribute `tp_shard`, which says how its
+full tensor maps onto the TP ranks. The spec is what makes parameters layout-free: `shard` cuts
+this rank's slice out of a full tensor (initialization, loading a checkpoint) and `unshard` joins
+the slices of all ranks back into it (saving). Parameters without the attribute are replicated
+over the TP group.
+
+Weights use the nn.Linear layout, (out_features, in_features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel import comm
+from parallel.mesh import Group
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter is split over the TP group.
+
+    dim: the tensor dim that is split.
+    blocks: the split dim is viewed as `blocks` equal blocks, and each block is split separately,
+        so a rank's slice holds its part of every block. A fused QKV weight uses blocks=3, so that
+        each rank gets the query, key and value rows of the same heads.
+    full_size: the size of the split dim in the full tensor when it is smaller than the padded
+        size that the ranks hold together (a vocabulary padded to a multiple of tp); padding rows
+        are zero and are dropped by `unshard`.
+    """
+
+    dim: int
+    blocks: int = 1
+    full_size: int | None = None
+
+
+def shard(full: torch.Tensor, spec: ShardSpec | None, rank: int, size: int) -> torch.Tensor:
+    """Return TP rank `rank`'s slice (of `size` ranks) of the full tensor."""
+    if spec is None or size == 1 and spec.full_size is None:
+        return full
+    if spec.full_size is not None:
+        padded = padded_size(spec.full_size, size)
+        pad_shape = list(full.shape)
+        pad_shape[spec.dim] = padded - full.shape[spec.dim]
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=spec.dim)
+    blocks = full.chunk(spec.blocks, dim=spec.dim)
+    return torch.cat([b.chunk(size, dim=spec.dim)[rank] for b in blocks], dim=spec.dim).contiguous()
+
+
+def unshard(slices: list[torch.Tensor], spec: ShardSpec | None) -> torch.Tensor:
+    """Join the slices of all TP ranks, in rank order, into the full tensor."""
+    if spec is None:
+        return slices[0]
+    per_rank_blocks = [s.chunk(spec.blocks, dim=spec.dim) for s in slices]
+    full = torch.cat(
+        [torch.cat([blocks[b] for blocks in per_rank_blocks], dim=spec.dim) for b in range(spec.blocks)],
+        dim=spec.dim,
+    )
+    if spec.full_size is not None:
+        full = full.narrow(spec.dim, 0, spec.full_size)
+    return full
+
+
+def padded_size(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    """Return the shape of the full tensor of which `param` is one TP rank's slice."""
+    shape = list(param.shape)
+    spec = getattr(param, "tp_shard", None)
+    if spec is not None:
+        shape[spec.dim] = spec.full_size if spec.full_size is not None else shape[spec.dim] * tp_size
+    return tuple(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class _LinearWithAllReducedInputGrad(torch.autograd.Function):
+    """y = x W^T + b for a column-parallel layer whose input is replicated over the TP group.
+
+    Backward all-reduces the input gradient (the `f` operator) and overlaps that all-reduce with
+    the weight-gradient matmul, which does not depend on it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group = group
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight)
+        work = comm.all_reduce(grad_x, ctx.group, async_op=True)
+        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_out_2d.t().matmul(x.reshape(-1, x.shape[-1]))
+        grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
+        if work is not None:
+            work.wait()
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_tp_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         group: Group) -> torch.Tensor:
+    """Return x W^T + b for an input x replicated over `group` and a weight split by output rows.
+
+    Identity of the input forward and all-reduce of its gradient backward (the `f` operator).
+    """
+    if group.size == 1:
+        return F.linear(x, weight, bias)
+    return _LinearWithAllReducedInputGrad.apply(x, weight, bias, group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Linear layer whose output features are split over the TP group.
+
+    The input is replicated on every TP rank; each rank computes its slice of the output. With
+    `gather_output` the slices are all-gathered into the full output. `blocks` > 1 splits fused
+    weights block by block (see ShardSpec).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True,
+                 gather_output: bool = False, blocks: int = 1, dtype=None, device=None):
+        super().__init__()
+        if out_features % (group.size * blocks) != 0:
+            raise ValueError(
+                f"out_features={out_features} must split into {blocks} block(s) over "
+                f"tp={group.size} ranks; choose sizes divisible by {blocks * group.size}"
+            )
+        self.group = group
+        self.gather_output = gather_output
+        local_out = out_features // group.size
+        self.weight = nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device))
+        self.weight.tp_shard = ShardSpec(dim=0, blocks=blocks)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local_out, dtype=dtype, device=device))
+            self.bias.tp_shard = ShardSpec(dim=0, blocks=blocks)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear_with_tp_input(x, self.weight, self.bias, self.group)
+        if self.gather_output:
+            y = comm.gather_last_dim(y, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """Linear layer whose input features are split over the TP group.
+
+    The input arrives already split along its last dim (the output of a column-parallel layer);
+    each rank computes a partial sum of the output, the partial sums are all-reduced (the `g`
+    operator), and the replicated bias is added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True,
+                 dtype=None, device=None):
+        super().__init__()
+        if in_features % group.size != 0:
+            raise ValueError(
+                f"in_features={in_features} must be divisible by tp={group.size}"
+            )
+        self.group = group
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // group.size, dtype=dtype, device=device)
+        )
+        self.weight.tp_shard = ShardSpec(dim=1)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = comm.reduce_from_tp(F.linear(x, self.weight), self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding
+
+
+class _MaskedEmbeddingLookup(torch.autograd.Function):
+    """Look up token ids in this rank's vocabulary rows; ids outside them give zero rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, start):
+        local = ids - start
+        outside = (local < 0) | (local >= weight.shape[0])
+        local = local.masked_fill(outside, 0)
+        out = weight[local]
+        out[outside] = 0
+        ctx.save_for_backward(local, outside)
+        ctx.weight_shape = weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        local, outside = ctx.saved_tensors
+        grad_out = grad_out.masked_fill(outside.unsqueeze(-1), 0)
+        grad_weight = grad_out.new_zeros(ctx.weight_shape)
+        grad_weight.index_add_(0, local.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
+        return None, grad_weight, None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose vocabulary rows are split over the TP group.
+
+    The vocabulary is padded with zero rows up to a multiple of tp. Padding rows are never looked
+    up (token ids stay below `num_embeddings`), so they never receive a gradient, and the LM head
+    masks their logits, so they are never predicted. Each rank looks up the ids that fall in its
+    rows and the partial embeddings are all-reduced.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group, dtype=None, device=None):
+        super().__init__()
+        self.group = group
+        self.num_embeddings = num_embeddings
+        padded = padded_size(num_embeddings, group.size)
+        self.rows_per_rank = padded // group.size
+        self.vocab_start = group.rank * self.rows_per_rank
+        self.weight = nn.Parameter(
+            torch.empty(self.rows_per_rank, embedding_dim, dtype=dtype, device=device)
+        )
+        self.weight.tp_shard = ShardSpec(dim=0, full_size=num_embeddings)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.rows_per_rank * self.group.size
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        partial = _MaskedEmbeddingLookup.apply(ids, self.weight, self.vocab_start)
+        return comm.reduce_from_tp(partial, self.group)
+
+    def local_vocab_mask(self) -> torch.Tensor | None:
+        """Return a bool mask of this rank's rows that are padding, or None when there are none."""
+        rows = torch.arange(self.vocab_start, self.vocab_start + self.rows_per_rank,
+                            device=self.weight.device)
+        padding = rows >= self.num_embeddings
+        return padding if bool(padding.any()) else None

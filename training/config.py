@@ -1,0 +1,230 @@
+"""The run configuration: model, layout, training, data and run sections, and their validation.
+
+A run config is one YAML file with those five sections; any key can be overridden on the command
+line. `validate` checks every rule that involves more than one section (the layout against the
+model and the batch) and raises one ConfigError that lists each broken rule with the value, the
+rule and a fix, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
+from parallel.mesh import Layout
+from parallel.pipeline.schedules import SCHEDULES
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, found before any rank starts."""
+
+
+@dataclass
+class LayoutConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    schedule: str = "1f1b"
+    micro_batches: int = 1  # per dp replica and step
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved and V-shaped schedules)
+    layers_per_stage: list[int] | None = None  # None splits the layers as evenly as possible
+
+    @property
+    def mesh(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, dp=self.dp)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16  # sequences per optimizer step, over all dp replicas
+    seq_len: int | None = None  # tokens per sequence; None means the model's n_positions
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine schedule ends here
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # maximum global gradient norm; 0 turns clipping off
+    seed: int = 1234
+    eval_interval: int = 50  # steps between evaluations; 0 evaluates only at the end
+    eval_batches: int = 4  # global batches of held-out text per evaluation
+    dtype: str = "float32"  # parameter dtype: float32 or float64
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: the Python documentation shipped in pydoc_data
+    val_fraction: float = 0.1  # the last fraction of the corpus is held out
+
+
+@dataclass
+class RunOptions:
+    out: str | None = "runs/latest"  # checkpoint folder; null saves nothing
+    log_json: str | None = None  # one JSON object per step is appended here
+    resume: bool = False
+    device: str = "auto"  # auto, cpu or cuda
+    threads_per_rank: int = 1
+    timeout_s: float = 300.0  # a collective that waits longer fails the job
+    sample_tokens: int = 200  # length of the text sample printed at the end; 0 for none
+    sample_prompt: str = "The "
+    progress: bool = True  # progress bar on a terminal
+
+
+@dataclass
+class RunConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.n_positions
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.global_batch // (self.layout.micro_batches * self.layout.dp)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "layout": dataclasses.asdict(self.layout),
+            "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data),
+            "run": dataclasses.asdict(self.run),
+        }
+
+
+_SECTIONS = {"layout": LayoutConfig, "train": TrainConfig, "data": DataConfig, "run": RunOptions}
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, object] | None = None) -> RunConfig:
+    """Read a run config YAML (or the defaults when `path` is None) and apply dotted overrides
+    such as {"layout.tp": 2}."""
+    values: dict = {}
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+
+    unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections are "
+                          f"{sorted(['model', *_SECTIONS])}")
+
+    model_values = values.get("model", {})
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not name or section not in {"model", *_SECTIONS}:
+            raise ConfigError(f"override {key!r} must be <section>.<key> with section one of "
+                              f"{sorted(['model', *_SECTIONS])}, such as layout.tp=2")
+        if section == "model":
+            if not isinstance(model_values, dict):
+                model_values = resolve_model_config(model_values).to_dict()
+            model_values[name] = value
+        else:
+            values.setdefault(section, {})[name] = value
+
+    config = RunConfig(model=_model_from(model_values))
+    for section, cls in _SECTIONS.items():
+        setattr(config, section, _section_from(cls, section, values.get(section, {})))
+    return config
+
+
+def _model_from(spec) -> GPTConfig:
+    try:
+        if isinstance(spec, dict) and "preset" in spec:
+            spec = dict(spec)
+            base = resolve_model_config(spec.pop("preset")).to_dict()
+            base.update(spec)
+            spec = base
+        return resolve_model_config(spec or {})
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def _section_from(cls, section: str, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section {section!r}; valid keys are "
+                          f"{sorted(known)}")
+    return cls(**values)
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError listing every rule the config breaks."""
+    m, lay, tr = config.model, config.layout, config.train
+    problems = []
+
+    for name in ("tp", "pp", "dp", "micro_batches", "virtual_stages"):
+        if getattr(lay, name) < 1:
+            problems.append(f"layout.{name}={getattr(lay, name)} must be at least 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+    if m.n_head % lay.tp != 0:
+        problems.append(
+            f"n_head={m.n_head} is not divisible by tp={lay.tp}: TP splits whole attention heads "
+            f"over ranks; use a tp from {_divisors(m.n_head)}"
+        )
+    if m.ffn_size % lay.tp != 0:
+        problems.append(
+            f"the MLP size {m.ffn_size} is not divisible by tp={lay.tp}: TP splits the MLP's "
+            f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
+        )
+    if lay.schedule not in SCHEDULES:
+        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}")
+
+    num_stages = lay.pp * lay.virtual_stages
+    if lay.layers_per_stage is not None:
+        if len(lay.layers_per_stage) != num_stages or sum(lay.layers_per_stage) != m.n_layer:
+            problems.append(
+                f"layers_per_stage={lay.layers_per_stage} must list {num_stages} stage sizes "
+                f"(pp * virtual_stages) that add up to n_layer={m.n_layer}"
+            )
+    elif num_stages > m.n_layer:
+        problems.append(
+            f"pp * virtual_stages = {num_stages} stages is more than n_layer={m.n_layer}: every "
+            f"stage needs at least one layer; use pp <= {m.n_layer // lay.virtual_stages}"
+        )
+
+    replicas_times_mb = lay.micro_batches * lay.dp
+    if tr.global_batch < 1 or tr.global_batch % replicas_times_mb != 0:
+        good = replicas_times_mb * max(1, round(tr.global_batch / replicas_times_mb))
+        problems.append(
+            f"global_batch={tr.global_batch} does not split into micro_batches={lay.micro_batches} "
+            f"x dp={lay.dp} equal micro-batches; use a multiple of {replicas_times_mb} such as {good}"
+        )
+    if tr.seq_len is not None and not 1 <= tr.seq_len <= m.n_positions:
+        problems.append(f"seq_len={tr.seq_len} must be between 1 and n_positions={m.n_positions}")
+    if tr.steps < 0:
+        problems.append(f"steps={tr.steps} must not be negative")
+    if tr.dtype not in ("float32", "float64"):
+        problems.append(f"train.dtype={tr.dtype!r} must be float32 or float64")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+    if config.run.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"run.device={config.run.device!r} must be auto, cpu or cuda")
+    if config.run.threads_per_rank < 1:
+        problems.append(f"run.threads_per_rank={config.run.threads_per_rank} must be at least 1")
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_config_path() -> Path:
+    return CONFIG_DIR / "default.yaml"

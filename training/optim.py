@@ -1,0 +1,75 @@
+"""AdamW, the learning-rate schedule, and gradient clipping by the global norm over all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from parallel import comm
+from parallel.mesh import Mesh
+from training.config import TrainConfig
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (weights and embeddings) only, as in GPT-2 training:
+    biases and LayerNorm parameters are not decayed."""
+    decay = [p for _, p in named_params if p.dim() >= 2]
+    no_decay = [p for _, p in named_params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             foreach=True)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay to `min_lr` at the
+    last step. `step` counts from 0."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def counted_once(name: str, param: nn.Parameter, mesh: Mesh, holds_first_stage: bool) -> bool:
+    """Whether this rank's copy of `param` enters the global gradient norm.
+
+    Each parameter of the model must count exactly once over the whole model-parallel group:
+    a TP-split parameter counts on every TP rank (each holds a different slice), a parameter
+    replicated over TP counts on TP rank 0 only, and the tied embedding counts on the rank that
+    holds the first stage, not again as the head's copy on the last stage.
+    """
+    if name == "transformer.wte.weight" and not holds_first_stage:
+        return False
+    if getattr(param, "tp_shard", None) is None and mesh.tp_rank != 0:
+        return False
+    return True
+
+
+def global_grad_norm(named_params, mesh: Mesh, holds_first_stage: bool) -> torch.Tensor:
+    """Return the L2 norm of the gradient of the whole model, identical on every rank.
+
+    Gradients are already averaged over dp, so the replicas agree and only the model-parallel
+    group (tp x pp) takes part in the sum.
+    """
+    grads = [p.grad for name, p in named_params if counted_once(name, p, mesh, holds_first_stage)]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for grad in grads:
+        total += grad.detach().double().square().sum()
+    comm.all_reduce(total, mesh.model)
+    return total.sqrt()[0]
+
+
+def clip_gradients(params, norm: torch.Tensor, max_norm: float) -> None:
+    """Scale all gradients so that their global norm is at most `max_norm` (0 turns it off)."""
+    if max_norm <= 0:
+        return
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1.0:
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, scale)

@@ -1,0 +1,192 @@
+"""One rank's training state and its training step.
+
+`Trainer` builds this rank's chunks of the model for the schedule's stage placement, initializes
+them independently of the layout, and runs steps:
+
+  1. every rank draws the same global batch and takes its dp slice, split into micro-batches;
+  2. the pipeline runtime walks this rank's action list (forwards, backwards, transfers);
+  3. the tied embedding's gradients are summed between the first and last stage;
+  4. gradients are averaged over dp, the global norm is computed with every parameter counted
+     once, gradients are clipped, and AdamW steps;
+  5. the loss (the mean over every token of the global batch) is agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.build import build_chunks, initialize, named_parameters, partition_layers
+from model.gpt import ForwardContext
+from parallel import comm
+from parallel.data_parallel import GradientBuffer
+from parallel.mesh import Mesh
+from parallel.pipeline.passes import add_communication
+from parallel.pipeline.runtime import PipelineRuntime
+from parallel.pipeline.schedules import build_schedule, forward_only
+from training import state
+from training.config import RunConfig
+from training.data import TokenBatches
+from training.optim import build_optimizer, clip_gradients, global_grad_norm, learning_rate
+
+log = logging.getLogger("microtron")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class StepStats:
+    step: int  # the step just taken, counting from 0
+    loss: float
+    lr: float
+    grad_norm: float
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, mesh: Mesh, tokens: np.ndarray, device=torch.device("cpu")):
+        self.config = config
+        self.mesh = mesh
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.train.dtype]
+        layout = config.layout
+
+        compute_schedule = build_schedule(layout.schedule, layout.pp, layout.micro_batches,
+                                          layout.virtual_stages)
+        self.schedule = add_communication(compute_schedule)
+        self.eval_schedule = add_communication(
+            forward_only(layout.pp, layout.micro_batches, compute_schedule.stage_ranks))
+        self.stages = self.schedule.stages_of(mesh.pp_rank)
+        self.layer_ranges = partition_layers(config.model.n_layer, self.schedule.num_stages,
+                                             layout.layers_per_stage)
+        self.holds_first_stage = 0 in self.stages
+        self.holds_last_stage = self.schedule.num_stages - 1 in self.stages
+        # The tied embedding has two copies when the first and last stage are on different ranks.
+        self.tied_copies = self.schedule.stage_ranks[0] != self.schedule.stage_ranks[-1]
+
+        self.chunks = build_chunks(config.model, mesh.tp, self.stages, self.layer_ranges,
+                                   dtype=self.dtype, device=self.device)
+        initialize(self.chunks, config.model, config.train.seed, mesh.tp)
+        self.named_params = list(named_parameters(self.chunks))
+        self.params = [p for _, p in self.named_params]
+        self.grads = GradientBuffer(self.params, mesh.dp)
+        self.optimizer = build_optimizer(self.named_params, config.train)
+
+        self.batches = TokenBatches(tokens, config.seq_len, config.data.val_fraction, config.train.seed)
+        self.local_batch = config.train.global_batch // layout.dp
+        self.micro_batch = config.micro_batch_size
+        self.runtime = PipelineRuntime(
+            mesh.pp, mesh.pp_rank, self._forward, self._first_inputs,
+            activation_shape=(self.micro_batch, config.seq_len, config.model.n_embd),
+            dtype=self.dtype, device=self.device,
+        )
+        self.step = 0
+        self._inputs: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        self._training = True
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+
+    def train_step(self) -> StepStats:
+        step = self.step
+        self._load_microbatches(*self.batches.train_batch(step, self.config.train.global_batch))
+        self.grads.zero()
+
+        self._training = True
+        self.runtime.step = step
+        local_loss = self.runtime.run(self.schedule, train=True)
+
+        self._sum_tied_embedding_grads()
+        self.grads.average()
+        norm = global_grad_norm(self.named_params, self.mesh, self.holds_first_stage)
+        clip_gradients(self.params, norm, self.config.train.grad_clip)
+
+        lr = learning_rate(step, self.config.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+        self.step += 1
+        return StepStats(step, self._global_loss(local_loss), lr, float(norm))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Return the mean loss over `eval_batches` held-out global batches. Changes no state
+        that training depends on."""
+        self._training = False
+        num = self.config.train.eval_batches
+        total = 0.0
+        for index in range(num):
+            self._load_microbatches(*self.batches.val_batch(index, num, self.config.train.global_batch))
+            total += self._global_loss(self.runtime.run(self.eval_schedule, train=False))
+        self._training = True
+        return total / num
+
+    # ------------------------------------------------------------------------------------------
+    # Pieces of the step
+
+    def _load_microbatches(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep this dp rank's slice of the global batch, split into micro-batches."""
+        start = self.mesh.dp_rank * self.local_batch
+        local = slice(start, start + self.local_batch)
+        self._inputs = list(inputs[local].to(self.device).split(self.micro_batch))
+        self._targets = list(targets[local].to(self.device).split(self.micro_batch))
+
+    def _first_inputs(self, microbatch: int) -> torch.Tensor:
+        return self._inputs[microbatch]
+
+    def _forward(self, stage: int, microbatch: int, inputs: torch.Tensor) -> torch.Tensor:
+        chunk = self.chunks[stage]
+        ctx = ForwardContext(
+            seed=self.config.train.seed,
+            step=self.step,
+            sample_offset=self.mesh.dp_rank * self.local_batch + microbatch * self.micro_batch,
+            global_batch=self.config.train.global_batch,
+            loss_scale=1.0 / (self.local_batch * self.config.seq_len),
+            training=self._training,
+        )
+        targets = self._targets[microbatch] if chunk.last else None
+        return chunk(inputs, ctx, targets)
+
+    def _sum_tied_embedding_grads(self) -> None:
+        if not self.tied_copies or not (self.holds_first_stage or self.holds_last_stage):
+            return
+        wte = dict(self.named_params)["transformer.wte.weight"]
+        comm.all_reduce(wte.grad, self.mesh.embedding)
+
+    def _global_loss(self, local_loss: torch.Tensor) -> float:
+        """Return the loss of the global batch on every rank: the last stage's sum over its
+        micro-batches, shared along the pipeline, averaged over the dp replicas."""
+        loss = local_loss.reshape(1).to(torch.float64)
+        comm.all_reduce(loss, self.mesh.pp)
+        comm.all_reduce(loss, self.mesh.dp)
+        return float(loss) / self.mesh.dp.size
+
+    # ------------------------------------------------------------------------------------------
+    # Full, layout-free state
+
+    def gather_model(self) -> dict | None:
+        """Return every parameter as a full tensor under its global name, on global rank 0."""
+        return state.gather_model(self.named_params, self.mesh)
+
+    def gather_optimizer(self) -> dict | None:
+        return state.gather_optimizer(self.optimizer, self.named_params, self.mesh)
+
+    def load_model(self, full: dict) -> None:
+        state.load_model(self.named_params, full, self.mesh)
+
+    def load_optimizer(self, full: dict) -> None:
+        state.load_optimizer(self.optimizer, self.named_params, full, self.mesh)
+
+    def describe_stages(self) -> str:
+        """Return the stage placement and layer ranges, for the start-up log."""
+        parts = []
+        for stage, layers in enumerate(self.layer_ranges):
+            rank = self.schedule.stage_ranks[stage]
+            parts.append(f"stage {stage} (pp rank {rank}): layers {layers.start}-{layers.stop - 1}"
+                         if len(layers) else f"stage {stage} (pp rank {rank}): no layers")
+        return "; ".join(parts)
