@@ -11,13 +11,14 @@ Weights use the nn.Linear layout, (out_features, in_features).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel import comm
+from parallel import comm, weight_grad
 from parallel.mesh import Group
 
 
@@ -83,31 +84,54 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
 # Linear layers
 
 
-class _LinearWithAllReducedInputGrad(torch.autograd.Function):
-    """y = x W^T + b for a column-parallel layer whose input is replicated over the TP group.
+class _ParallelLinear(torch.autograd.Function):
+    """y = x W^T + b, with the backward that tensor and pipeline parallelism need.
 
-    Backward all-reduces the input gradient (the `f` operator) and overlaps that all-reduce with
-    the weight-gradient matmul, which does not depend on it.
+    When `input_grad_group` is given (a column-parallel layer, whose input is replicated over the
+    TP group), backward all-reduces the input gradient (the `f` operator) and overlaps that
+    all-reduce with the weight-gradient matmul, which does not depend on it. Inside
+    `deferring_weight_grads` the weight and bias gradients are queued instead of computed.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
+    def forward(ctx, x, weight, bias, input_grad_group):
         ctx.save_for_backward(x, weight)
-        ctx.group = group
-        ctx.has_bias = bias is not None
+        ctx.bias = bias
+        ctx.group = input_grad_group
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_out.matmul(weight)
-        work = comm.all_reduce(grad_x, ctx.group, async_op=True)
-        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = grad_out_2d.t().matmul(x.reshape(-1, x.shape[-1]))
-        grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
+        work = None
+        if ctx.group is not None:
+            work = comm.all_reduce(grad_x, ctx.group, async_op=True)
+
+        queue = weight_grad.active_queue()
+        if queue is None:
+            grad_weight, grad_bias = _weight_grads(grad_out, x, ctx.bias is not None)
+        else:
+            queue.append(functools.partial(_accumulate_weight_grads, grad_out, x, weight, ctx.bias))
+            grad_weight = grad_bias = None
+
         if work is not None:
             work.wait()
         return grad_x, grad_weight, grad_bias, None
+
+
+def _weight_grads(grad_out: torch.Tensor, x: torch.Tensor, has_bias: bool):
+    grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_weight = grad_out_2d.t().matmul(x.reshape(-1, x.shape[-1]))
+    grad_bias = grad_out_2d.sum(0) if has_bias else None
+    return grad_weight, grad_bias
+
+
+def _accumulate_weight_grads(grad_out, x, weight, bias) -> None:
+    grad_weight, grad_bias = _weight_grads(grad_out, x, bias is not None)
+    weight_grad.accumulate_grad(weight, grad_weight)
+    if bias is not None:
+        weight_grad.accumulate_grad(bias, grad_bias)
 
 
 def linear_with_tp_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -116,9 +140,12 @@ def linear_with_tp_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
     Identity of the input forward and all-reduce of its gradient backward (the `f` operator).
     """
-    if group.size == 1:
-        return F.linear(x, weight, bias)
-    return _LinearWithAllReducedInputGrad.apply(x, weight, bias, group)
+    return _ParallelLinear.apply(x, weight, bias, group if group.size > 1 else None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Return x W^T + b with no communication (whose weight gradients can be deferred)."""
+    return _ParallelLinear.apply(x, weight, bias, None)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -181,7 +208,7 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = comm.reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = comm.reduce_from_tp(linear(x, self.weight), self.group)
         if self.bias is not None:
             y = y + self.bias
         return y

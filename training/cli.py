@@ -174,8 +174,8 @@ def train_worker(rank: int, world_size: int, config_dict: dict) -> dict:
     optimizer_state = trainer.gather_optimizer()
     if rank == 0:
         if final_val is not None:
-            log.info("final validation loss %.4f (corpus unigram entropy %.4f)", final_val,
-                     unigram_entropy(trainer.batches.train_tokens.numpy()))
+            log.info("final validation loss %.4f (unigram entropy of the corpus: %.4f)", final_val,
+                     unigram_entropy(corpus.tokens))
         if config.run.out:
             path = checkpoint.save(config.run.out, trainer.step, model_state, optimizer_state, {
                 "model": config.model.to_dict(),
