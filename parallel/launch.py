@@ -176,13 +176,17 @@ def _failure_report(first, processes, errors, board, world_size: int) -> str:
         except queue.Empty:
             break
 
+    # A rank that died is the likelier cause: its peers only noticed the closed connection.
+    reported = {rank for rank, *_ in failures}
+    dead = [rank for rank, process in enumerate(processes)
+            if process.exitcode not in (None, 0) and rank not in reported]
     lines = []
+    for rank in dead + [rank for rank, _, _, trace in failures if trace is None]:
+        code = processes[rank].exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        lines.append(f"rank {rank} died ({how}) while: {statuses[rank] or 'starting'}")
     for rank, where, kind, trace in failures:
-        if trace is None:
-            code = processes[rank].exitcode
-            how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-            lines.append(f"rank {rank} died ({how}) while: {statuses[rank] or 'starting'}")
-        else:
+        if trace is not None:
             lines.append(f"rank {rank} {where} raised {kind}:\n{trace.rstrip()}")
     lines.append("status of every rank when the failure was seen:")
     lines += [f"  rank {r}: {text or 'not started'}" for r, text in enumerate(statuses)]
