@@ -35,6 +35,7 @@ _rank: int | None = None
 _label = ""
 _board = None
 _local_status = ""
+_timeout: datetime.timedelta | None = None  # the timeout the default process group got
 
 
 class RankFailure(RuntimeError):
@@ -55,6 +56,15 @@ def set_status(text: str) -> None:
         data = f"{_label} {text}".encode()[:_STATUS_BYTES - 1].ljust(_STATUS_BYTES, b"\0")
         start = _rank * _STATUS_BYTES
         _board[start:start + _STATUS_BYTES] = data
+
+
+def group_timeout() -> datetime.timedelta | None:
+    """Return the timeout that this process's default process group was created with.
+
+    torch.distributed gives a new group its own default timeout (30 minutes) rather than the
+    default group's, so every group of the mesh must be given this one explicitly.
+    """
+    return _timeout
 
 
 def describe_self() -> str:
@@ -82,8 +92,9 @@ def _loopback_interface() -> str | None:
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, backend: str,
                timeout_s: float, threads: int, board, errors, result_dir: str) -> None:
     """Entry point of one spawned rank."""
-    global _rank, _board
+    global _rank, _board, _timeout
     _rank, _board = rank, board
+    _timeout = datetime.timedelta(seconds=timeout_s)
     torch.set_num_threads(threads)
     set_status("joining the process group")
     try:
@@ -207,11 +218,11 @@ def _stop(processes) -> None:
 
 def init_from_torchrun(backend: str, timeout_s: float) -> tuple[int, int]:
     """Join the job described by torchrun's environment; return (rank, world_size)."""
-    global _rank
+    global _rank, _timeout
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _rank = rank
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    _timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=_timeout)
     return rank, world_size
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from parallel import launch
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -83,7 +85,8 @@ class Mesh:
         self.layout = layout
         self.rank = rank
         self.tp_rank, self.pp_rank, self.dp_rank = layout.coordinates(rank)
-        self._timeout = timeout
+        # Without an explicit timeout, each group gets the one the launcher gave the default group.
+        self._timeout = timeout if timeout is not None else launch.group_timeout()
         single = layout.world_size == 1
         if not single and not dist.is_initialized():
             raise RuntimeError(
