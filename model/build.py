@@ -49,7 +49,7 @@ def build_chunks(config: GPTConfig, tp_group: Group, stages: list[int], layer_ra
     """Build the chunks of the given stages for one rank, sharing the embedding between them.
 
     The first stage embeds tokens and the last runs the head; both use the token embedding, so a
-    rank that holds both (pp=1, or a V-shaped placement) keeps one copy.
+    rank that runs both (pp=1, or a V-shaped placement) keeps one copy.
     """
     num_stages = len(layer_ranges)
     chunks: dict[int, GPTChunk] = {}

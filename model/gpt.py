@@ -5,7 +5,7 @@ self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the tok
 
 A `GPTChunk` is a contiguous range of blocks, plus the embeddings when it is the first stage and
 the final LayerNorm and head when it is the last. The single-process model is one chunk with every
-block, both ends and a mesh of one rank; a pipeline stage is a chunk with fewer blocks. Blocks
+block and both ends, on a mesh of one rank. A pipeline stage is a chunk with fewer blocks. Blocks
 live in a ModuleDict keyed by their global index, so parameter names (`transformer.h.5.attn...`)
 are the same whichever rank holds them, and they match the names of a Hugging Face GPT-2
 checkpoint (whose Conv1D weights are the transpose of these nn.Linear-layout weights).
@@ -32,8 +32,8 @@ _EMBEDDING, _ATTENTION_PROBS, _ATTENTION_OUT, _MLP_OUT = range(4)
 
 @dataclass
 class ForwardContext:
-    """What a forward pass needs besides its input: where the micro-batch sits in the global
-    batch (for layout-invariant dropout) and how the loss is scaled."""
+    """Inputs of a forward pass besides the tensor: the micro-batch's place in the global batch
+    (for layout-invariant dropout) and the loss scale."""
 
     seed: int = 0
     step: int = 0
@@ -129,7 +129,7 @@ class Block(nn.Module):
 
 
 def _hidden_slice(x: torch.Tensor, ctx: ForwardContext) -> GlobalSlice:
-    """Where a (b, s, h) hidden state sits in the global (batch, sequence, hidden) tensor."""
+    """Return the place of a (b, s, h) hidden state in the global (batch, sequence, hidden) tensor."""
     b, s, h = x.shape
     return GlobalSlice(sizes=(ctx.global_batch, s, h),
                        offsets=(ctx.sample_offset, ctx.position_offset, 0))
@@ -140,9 +140,9 @@ class GPTChunk(nn.Module):
 
     forward(inputs, ctx, targets):
       inputs: token ids (b, s) on the first stage, else the hidden state (b, s, h).
-      returns: the hidden state (b, s, h) unless `last`; on the last stage the scaled loss sum
-        when `targets` is given, else this rank's slice of the logits (b, s, V_padded / tp) with
-        padding columns at -inf.
+      returns: the hidden state (b, s, h) unless `last`. On the last stage it returns the scaled
+        loss sum when `targets` is given, else this rank's slice of the logits
+        (b, s, V_padded / tp), with padding columns at -inf.
 
     `wte` may be passed in to share the token embedding with another chunk on the same rank.
     """

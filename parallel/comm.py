@@ -3,7 +3,7 @@
 Every collective and point-to-point op that microtron issues goes through the functions in the
 first half of this file, so one place decides the backend call and one place counts the traffic.
 
-The second half holds the autograd functions of Megatron-style tensor parallelism. They come in
+The second half defines the autograd functions of Megatron-style tensor parallelism. They come in
 conjugate pairs (Shoeybi et al. 2019): `copy_to_tp` is the identity forward and an all-reduce
 backward, `reduce_from_tp` is an all-reduce forward and the identity backward; `split_last_dim`
 and `gather_last_dim` are likewise each other's backward.

@@ -1,8 +1,8 @@
 """Dropout whose mask does not depend on the layout.
 
 A random generator gives each rank a different stream, so a mask drawn from it changes when the
-same tensor is split differently over ranks, and replicated activations (after a row-parallel
-all-reduce) would need generators kept in step across the TP group. Here the keep/drop decision
+same tensor is split differently over ranks. Replicated activations (after a row-parallel
+all-reduce) would also need generators kept in step across the TP group. Here the keep/drop decision
 of an element is a hash of a key and the element's index in the *global* tensor (the whole global
 batch, all heads, the full sequence). Any layout, recomputation or device therefore draws the
 same mask, and there is no generator state to save or synchronise.
@@ -38,7 +38,7 @@ def dropout_key(*parts) -> int:
 
 @dataclass(frozen=True)
 class GlobalSlice:
-    """Where a local tensor sits inside its global tensor: per dim, the global size and the
+    """Position of a local tensor inside its global tensor: per dim, the global size and the
     offset of the local slice."""
 
     sizes: tuple[int, ...]

@@ -1,7 +1,7 @@
 """Tensor-parallel layers: column- and row-parallel linear layers and a vocab-parallel embedding.
 
-Each parameter that TP splits carries a `ShardSpec` in the attribute `tp_shard`, which says how its
-full tensor maps onto the TP ranks. The spec is what makes parameters layout-free: `shard` cuts
+Each parameter that TP splits carries a `ShardSpec` in the attribute `tp_shard`, which describes
+how its full tensor maps onto the TP ranks. The spec is what makes parameters layout-free: `shard` cuts
 this rank's slice out of a full tensor (initialization, loading a checkpoint) and `unshard` joins
 the slices of all ranks back into it (saving). Parameters without the attribute are replicated
 over the TP group.
@@ -30,9 +30,9 @@ class ShardSpec:
     blocks: the split dim is viewed as `blocks` equal blocks, and each block is split separately,
         so a rank's slice holds its part of every block. A fused QKV weight uses blocks=3, so that
         each rank gets the query, key and value rows of the same heads.
-    full_size: the size of the split dim in the full tensor when it is smaller than the padded
-        size that the ranks hold together (a vocabulary padded to a multiple of tp); padding rows
-        are zero and are dropped by `unshard`.
+    full_size: the size of the split dim in the full tensor, when the ranks together hold a
+        larger, padded size (a vocabulary padded to a multiple of tp). Padding rows are zero, and
+        `unshard` drops them.
     """
 
     dim: int
@@ -185,8 +185,8 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Linear layer whose input features are split over the TP group.
 
-    The input arrives already split along its last dim (the output of a column-parallel layer);
-    each rank computes a partial sum of the output, the partial sums are all-reduced (the `g`
+    The input arrives already split along its last dim, as a column-parallel layer outputs it.
+    Each rank computes a partial sum of the output, the partial sums are all-reduced (the `g`
     operator), and the replicated bias is added once, after the reduction.
     """
 

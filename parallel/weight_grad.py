@@ -3,8 +3,9 @@
 Zero-bubble schedules (Qi et al. 2024) run a backward in two actions: I computes the gradient with
 respect to the stage input, which the previous stage is waiting for, and W computes the weight
 gradients later, to fill what would otherwise be a bubble. Inside `deferring_weight_grads(queue)`
-the linear layers of `parallel.layers` compute their input gradient as usual but append their
-weight-gradient computation to `queue` instead of running it; `run_deferred(queue)` runs them.
+the linear layers of `parallel.layers` compute their input gradient as usual, but they append
+their weight-gradient computation to `queue` instead of running it. `run_deferred(queue)` then
+runs the queued work.
 Other parameters (LayerNorm, embeddings, biases outside linear layers) get their gradients during
 the I action, because they cost little.
 """

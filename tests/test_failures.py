@@ -42,13 +42,16 @@ def test_more_stages_than_layers():
 
 def test_batch_not_divisible_into_micro_batches_and_dp():
     message = _config_error({"train.global_batch": 10, "layout.micro_batches": 4, "layout.dp": 2})
-    assert "global_batch=10" in message and "multiple of 8" in message
+    assert "global_batch=10" in message
+    assert "multiple of 8" in message
 
 
 def test_every_broken_rule_is_listed():
     message = _config_error({"layout.tp": 3, "layout.pp": 5, "train.global_batch": 7,
                              "layout.micro_batches": 2})
-    assert "n_head=4" in message and "5 stages" in message and "global_batch=7" in message
+    assert "n_head=4" in message
+    assert "5 stages" in message
+    assert "global_batch=7" in message
 
 
 def test_unknown_keys_and_schedules():
@@ -71,7 +74,8 @@ def test_cli_rejects_torchrun_world_size_mismatch(monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     assert main(["--tp", "2", "--pp", "2", "--dp", "1"]) == 2
     err = capsys.readouterr().err
-    assert "WORLD_SIZE=3" in err and "= 4" in err
+    assert "WORLD_SIZE=3" in err
+    assert "= 4" in err
 
 
 def test_cli_rejects_corpus_shorter_than_one_sequence(tmp_path, capsys):
@@ -79,7 +83,8 @@ def test_cli_rejects_corpus_shorter_than_one_sequence(tmp_path, capsys):
     corpus.write_text("too short")
     assert main(["--data", str(corpus), "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "fewer than one sequence" in err and "129" in err
+    assert "fewer than one sequence" in err
+    assert "129" in err
 
 
 def test_cli_rejects_token_ids_beyond_vocabulary(tmp_path, capsys):
@@ -110,7 +115,8 @@ def test_exception_on_one_rank_ends_the_job():
         run_ranks(_raise_on_rank1, 2, timeout_s=60)
     message = str(failure.value)
     assert "rank 1 [tp1 pp0 dp0] while computing the answer raised ValueError" in message
-    assert "Traceback" in message and "rank 1 cannot continue" in message
+    assert "Traceback" in message
+    assert "rank 1 cannot continue" in message
     assert "rank 0: [tp0 pp0 dp0] waiting in an all-reduce for rank 1" in message
 
 

@@ -44,7 +44,8 @@ def test_train_logs_saves_samples_and_resumes(tmp_path):
     resumed = _train("--pp", "2", "--steps", "6", "--out", str(out), "--log-json", str(log_json),
                      "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert "at step 4" in resumed.stderr
     assert [r["step"] for r in _json_lines(log_json)][4:] == [4, 5]
     assert (out / "latest").read_text().strip() == "step-0000006"
 
@@ -71,4 +72,5 @@ def test_rank_failure_reports_rank_and_exits_nonzero(tmp_path):
     result = _train("--pp", "2", "--steps", "1", "--out", str(blocker))
     assert result.returncode == 1
     assert "error: the job failed" in result.stderr
-    assert "rank 0 [tp0 pp0 dp0]" in result.stderr and "Traceback" in result.stderr
+    assert "rank 0 [tp0 pp0 dp0]" in result.stderr
+    assert "Traceback" in result.stderr

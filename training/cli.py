@@ -1,8 +1,9 @@
 """The `scripts/train.py` command: parse options, validate, start the ranks, train.
 
-Without a torchrun environment the command spawns tp * pp * dp local ranks on gloo itself; under
-torchrun each process joins the job (NCCL on CUDA, gloo on CPU). Every check that can fail without
-communication (the config, the corpus, the world size) runs before any rank starts.
+Without a torchrun environment the command spawns tp * pp * dp local ranks on gloo itself. Under
+torchrun each process joins the job instead, with NCCL on CUDA and gloo on CPU. Every check that
+can fail without communication (the config, the corpus, the world size) runs before any rank
+starts.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def counted_once(name: str, param: nn.Parameter, mesh: Mesh, holds_first_stage: 
     """Whether this rank's copy of `param` enters the global gradient norm.
 
     Each parameter of the model must count exactly once over the whole model-parallel group:
-    a TP-split parameter counts on every TP rank (each holds a different slice), a parameter
+    a TP-split parameter counts on every TP rank (each has a different slice), a parameter
     replicated over TP counts on TP rank 0 only, and the tied embedding counts on the rank that
     holds the first stage, not again as the head's copy on the last stage.
     """

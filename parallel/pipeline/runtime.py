@@ -1,6 +1,6 @@
 """Run one rank's action list: forwards, backwards and the point-to-point transfers between them.
 
-The runtime knows nothing about the model. It calls `forward(stage, microbatch, inputs)`, which
+The runtime is independent of the model. It calls `forward(stage, microbatch, inputs)`, which
 returns the stage output, or on the last stage the micro-batch's scaled loss, and runs autograd
 on what that returns. Receives are posted as non-blocking irecvs when their action comes up (the
 communication pass places them ahead of need) and waited for only when a compute action consumes
@@ -172,5 +172,5 @@ class PipelineRuntime:
         return self._schedule.stage_ranks[stage]
 
     def _tag(self, direction: str, sender_stage: int, mb: int) -> int:
-        """A tag unique to one transfer within a step, so receives may be posted in any order."""
+        """Return a tag unique to one transfer within a step, so receives may be posted in any order."""
         return (2 * sender_stage + (direction == "B")) * self._schedule.num_microbatches + mb

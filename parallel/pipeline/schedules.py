@@ -13,7 +13,7 @@ from parallel.pipeline.actions import B, F, Schedule
 
 
 def contiguous_placement(num_ranks: int) -> tuple[int, ...]:
-    """One stage per rank, stage i on rank i."""
+    """Return the placement of one stage per rank, stage i on rank i."""
     return tuple(range(num_ranks))
 
 
@@ -67,7 +67,10 @@ def one_f_one_b(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) 
 
 
 def forward_only(num_ranks: int, num_microbatches: int, stage_ranks: tuple[int, ...] | None = None) -> Schedule:
-    """Every stage's forward of every micro-batch, in order: for evaluation and generation."""
+    """Return the schedule that runs every stage's forward of every micro-batch, in order.
+
+    Evaluation and generation use it.
+    """
     stage_ranks = stage_ranks or contiguous_placement(num_ranks)
     actions = [[] for _ in range(num_ranks)]
     for mb in range(num_microbatches):
