@@ -35,6 +35,9 @@ _FLAG_KEYS = {
     "steps": "train.steps", "seed": "train.seed", "global_batch": "train.global_batch",
     "dropout": "model.dropout", "data": "data.path", "out": "run.out", "log_json": "run.log_json",
     "device": "run.device", "threads_per_rank": "run.threads_per_rank",
+    "sequence_parallel": "layout.sequence_parallel", "recompute": "train.recompute",
+    "recompute_layers": "train.recompute_layers", "mixed_precision": "train.mixed_precision",
+    "distributed_optimizer": "train.distributed_optimizer", "memory_report": "run.memory_report",
 }
 
 
@@ -51,10 +54,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=int, help="micro-batches per step and dp replica")
     parser.add_argument("--schedule", help="pipeline schedule: 1f1b or gpipe")
     parser.add_argument("--virtual-stages", type=int, help="pipeline stages per pipeline rank")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="split LayerNorm and dropout activations along the sequence over the "
+                             "TP ranks")
     parser.add_argument("--global-batch", type=int, help="sequences per optimizer step")
     parser.add_argument("--steps", type=int, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, help="seed of initialization, data order and dropout")
     parser.add_argument("--dropout", type=float, help="dropout probability (0 turns it off)")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"],
+                        help="activation recomputation: selective recomputes the attention core, "
+                             "full whole blocks")
+    parser.add_argument("--recompute-layers", type=int,
+                        help="with --recompute full: recompute only the first N blocks of each stage")
+    parser.add_argument("--mixed-precision", choices=["bf16", "fp16"],
+                        help="compute in bf16 or fp16 under autocast, with fp32 master weights "
+                             "(fp16 adds dynamic loss scaling)")
+    parser.add_argument("--distributed-optimizer", action="store_true", default=None,
+                        help="shard AdamW's state over the dp ranks (ZeRO-1)")
     parser.add_argument("--data", help="text file, folder of text files, or .bin file of uint16 "
                                        "token ids (default: the Python docs in pydoc_data)")
     parser.add_argument("--out", help="folder for checkpoints (default: runs/latest)")
@@ -62,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-json", help="append one JSON object per step to this file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the ranks")
     parser.add_argument("--threads-per-rank", type=int, help="torch threads in each rank (default 1)")
+    parser.add_argument("--memory-report", action="store_true", default=None,
+                        help="measure parameter, gradient, optimizer and activation bytes of every "
+                             "rank during the first step and log them next to the prediction")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, such as --set train.lr=3e-4 or --set "
                              "model.n_layer=6 (repeatable)")
@@ -234,6 +253,11 @@ def _log_start(config: RunConfig, trainer, corpus) -> None:
     log.info("layout: tp=%d pp=%d dp=%d, schedule %s, %d micro-batch(es) of %d sequences per replica",
              lay.tp, lay.pp, lay.dp, lay.schedule, lay.micro_batches, config.micro_batch_size)
     log.info("pipeline: %s", trainer.describe_stages())
+    tr = config.train
+    log.info("memory: sequence parallel %s, recompute %s%s, precision %s, %s optimizer",
+             "on" if lay.sequence_parallel else "off", tr.recompute,
+             f" (first {tr.recompute_layers} blocks per stage)" if tr.recompute_layers else "",
+             tr.mixed_precision or tr.dtype, "distributed (ZeRO-1)" if tr.distributed_optimizer else "replicated")
     log.info("data: %s; %s training and %s validation tokens; unigram entropy %.4f nats per token",
              corpus.description, f"{len(trainer.batches.train_tokens):,}",
              f"{len(trainer.batches.val_tokens):,}", unigram_entropy(corpus.tokens))
