@@ -214,10 +214,14 @@ def _train_loop(trainer, config: RunConfig, rank: int) -> None:
     tokens_per_step = config.train.global_batch * config.seq_len
     bar = ProgressBar(config.train.steps, enabled=rank == 0 and config.run.progress)
     json_log = open(config.run.log_json, "a") if rank == 0 and config.run.log_json else None
+    first_step = trainer.step
     try:
         while trainer.step < config.train.steps:
             start = time.perf_counter()
-            stats = trainer.train_step()
+            if config.run.memory_report and trainer.step == first_step:
+                stats = _measured_step(trainer, config)
+            else:
+                stats = trainer.train_step()
             elapsed = time.perf_counter() - start
             record = {"step": stats.step, "loss": stats.loss, "lr": stats.lr,
                       "grad_norm": stats.grad_norm, "tokens_per_s": tokens_per_step / elapsed,
@@ -235,6 +239,18 @@ def _train_loop(trainer, config: RunConfig, rank: int) -> None:
         bar.close()
         if json_log:
             json_log.close()
+
+
+def _measured_step(trainer, config: RunConfig):
+    """Run one step while measuring memory; rank 0 logs every rank's report."""
+    from training.memory_report import format_reports, gather_reports, measure_step
+
+    stats, report = measure_step(trainer)
+    reports = gather_reports(report, config.layout.mesh.world_size)
+    if reports is not None:
+        log.info("memory of step %d per rank (activations: peak of tensors saved for backward; "
+                 "predicted by model/memory.py):\n%s", stats.step + 1, format_reports(reports))
+    return stats
 
 
 def _log_step(record: dict, total: int) -> None:
