@@ -135,8 +135,8 @@ class Attention(nn.Module):
         scores = q.matmul(k.transpose(-2, -1)) * hd**-0.5  # (b, nh, s, s)
         causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-        # The softmax keeps the dtype of the scores (16-bit types accumulate in fp32 inside the
-        # kernel). Autocast would switch it to fp32 on CUDA but not on CPU.
+        # The softmax keeps the dtype of the scores; PyTorch's kernels accumulate 16-bit inputs
+        # in fp32. Autocast would switch it to fp32 on CUDA but not on CPU, so it is off here.
         with torch.autocast(q.device.type, enabled=False):
             probs = scores.softmax(dim=-1)
         where = GlobalSlice(
@@ -197,9 +197,9 @@ class GPTChunk(nn.Module):
     forward(inputs, ctx, targets):
       inputs: token ids (b, s) on the first stage, else the hidden state (b, s, h), which is
         (b, s / tp, h) with sequence parallelism.
-      returns: the hidden state unless `last`; on the last stage the scaled loss sum when
-        `targets` is given (computed in fp32 under 16-bit autocast), else this rank's slice of the
-        logits (b, s, V_padded / tp) with padding columns at -inf.
+      returns: the hidden state unless `last`. On the last stage it returns the scaled loss sum
+        when `targets` is given (computed in fp32 under 16-bit autocast), else this rank's slice
+        of the logits (b, s, V_padded / tp) with padding columns at -inf.
 
     `wte` may be passed in to share the token embedding with another chunk on the same rank.
     """

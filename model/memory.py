@@ -2,56 +2,59 @@
 
 Activations are the tensors that autograd saves for the backward pass. Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198) count them
-per transformer layer, for 16-bit activations, 1-byte dropout masks and attention that
-materializes the s x s scores:
+per transformer layer, assuming 16-bit activations, 1-byte dropout masks and attention that
+materializes the s x s scores. `korthikanti_layer_bytes` returns their counts:
 
     no parallelism                 s b h (34 + 5 a s / h)
     tensor parallel                s b h (10 + 24 / t + 5 a s / (h t))
     tensor + sequence parallel     s b h (34 + 5 a s / h) / t
-    selective recompute (+ SP)     s b h (10 + 24 / t), or 34 s b h / t with SP
+    selective recompute            s b h (10 + 24 / t), or 34 s b h / t with SP
     full recompute                 2 s b h (the block input)
 
-`korthikanti_layer_bytes` returns those. This implementation saves different tensors, so
-`layer_activation_bytes` derives the count for it. Notation: b micro-batch, s sequence, h hidden,
-a heads, f MLP size (4h in GPT-2), t tp, and d = t with sequence parallelism, else 1. Byte
-widths: r for the residual stream (the parameter dtype: 4, or 8 in float64, and still 4 under
-autocast, because LayerNorm and the residual additions stay in fp32), c for matmul operands (2
-under bf16/fp16 autocast, else r), w = 8 if r == 8 else 4 for LayerNorm statistics, the attention
-log-sum-exp and the loss softmax.
+NOTE: these published counts were taken from secondary summaries of the paper; its text was not
+checked here.
+
+This implementation saves different tensors, so `layer_activation_bytes` derives the count for
+it. Notation: b micro-batch, s sequence, h hidden, a heads, f MLP size (4h in GPT-2), t tp, and
+d = t with sequence parallelism, else 1. Byte widths:
+    r  the residual stream: the parameter dtype (4, or 8 in float64). It stays 4 under autocast,
+       because LayerNorm and the residual additions run in fp32.
+    c  matmul operands: 2 under bf16 or fp16 autocast, else r.
+    w  LayerNorm statistics, the attention log-sum-exp and the loss softmax: 8 if r == 8, else 4.
 
 Per layer, with no recomputation, autograd saves:
 
-    LayerNorm 1 and 2: input (r s b h / d each) and mean and 1/std (w b s / d each, twice)
-    QKV and MLP-up inputs: the LayerNorm outputs cast to c (c s b h / d each); with sequence
-        parallelism only this rank's slice, which backward all-gathers again
+    LayerNorm 1 and 2: the input (r s b h / d each), and the mean and 1/std (w b s / d each)
+    QKV and MLP-up inputs: the LayerNorm outputs cast to c (c s b h / d each). With sequence
+        parallelism only this rank's slice is saved, and backward all-gathers it again.
     q, k, v: c 3 s b h / t (views of the QKV output, or the contiguous copies that torch.matmul
         takes of them when it folds several heads and sequences into one batch dim)
-    attention core, dropout off (F.scaled_dot_product_attention, a flash kernel): its output
+    attention core with dropout off (F.scaled_dot_product_attention, a flash kernel): its output
         c s b h / t, which is also the input of the output projection, and the log-sum-exp
         w b a s / t
-    attention core, dropout on (scores materialized): softmax output and dropped probabilities
-        2 c b a s^2 / t, the causal mask s^2 (bool), and the output projection's input
-        c s b h / t
-    MLP: GELU input and MLP-down input, 2 c b s f / t
-    dropout masks: nothing; the hashed masks are regenerated in backward
+    attention core with dropout on (scores materialized): the softmax output and the dropped
+        probabilities 2 c b a s^2 / t, the causal mask s^2 (bool), and the output projection's
+        input c s b h / t
+    MLP: the GELU input and the MLP-down input, 2 c b s f / t
+    dropout masks: nothing, because backward regenerates the hashed masks
 
     layer = 2 (r + c) s b h / d + 4 c s b h / t + 2 c b s f / t + 4 w b s / d + core
     fp32, f = 4h, dropout off:  s b h (16 / d + 48 / t) + 16 b s / d + 4 b a s / t
 
-Compared with the published 34 + 5as/h (16-bit): dtype widths differ (fp32 doubles everything;
-bf16 autocast keeps 4-byte LayerNorm inputs), no dropout masks are stored, and with dropout off
-the flash kernel removes the s^2 terms altogether.
+Compared with the published 34 + 5 a s / h: the widths differ (fp32 doubles everything, and bf16
+autocast keeps 4-byte LayerNorm inputs), no dropout masks are stored, and with dropout off the
+flash kernel removes the s^2 terms altogether.
 
-Selective recomputation checkpoints the attention core: it saves q, k, v (already counted) and
-drops the core's own tensors, leaving `4 c s b h / t` for attention. Full recomputation saves only
-each block's input, r s b h / d. Recomputation also costs memory transiently, during backward:
-one recomputed core (selective) or one recomputed block (full), which `stage_activation_bytes`
-adds to the peak.
+Selective recomputation checkpoints the attention core. It saves q, k, v (already counted) and
+drops the core's own tensors, which leaves 4 c s b h / t for attention. Full recomputation saves
+only each block's input, r s b h / d. Recomputation also costs memory for a moment during
+backward: one recomputed core (selective) or one recomputed block (full), which
+`stage_activation_bytes` adds to the peak.
 
-Outside the layers: the first stage saves the token ids (int64, plus a bool mask when t > 1) and
-the positions; the last stage saves the final LayerNorm's input and statistics, the head's input
-(c s b h / d), and the loss's fp32 softmax over this rank's vocabulary slice (w b s V / t) with
-its targets.
+Outside the layers, the first stage saves the token ids (int64, plus a bool mask when t > 1) and
+the positions. The last stage saves the final LayerNorm's input and statistics, the head's input
+(c s b h / d), and the loss's softmax over this rank's vocabulary slice (w b s V / t) with its
+targets.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ BOOL = 1
 
 @dataclass(frozen=True)
 class ActivationSetting:
-    """What activation memory depends on besides the model config."""
+    """The settings besides the model config that activation memory depends on."""
 
     micro_batch: int
     seq_len: int
@@ -162,7 +165,7 @@ class StageActivations:
     """Activation bytes of one micro-batch on one stage."""
 
     stored: int  # saved from the end of the forward pass until the backward pass starts
-    backward_peak: int  # the most held during the backward pass, with recomputation
+    backward_peak: int  # maximum during the backward pass, recomputed tensors included
 
 
 def stage_activation_bytes(config: GPTConfig, setting: ActivationSetting, num_layers: int,
@@ -171,40 +174,48 @@ def stage_activation_bytes(config: GPTConfig, setting: ActivationSetting, num_la
     full_layers = 0
     if setting.recompute == "full":
         full_layers = num_layers if setting.recompute_layers is None else min(setting.recompute_layers, num_layers)
-    rest_mode = "selective" if setting.recompute == "selective" else "none"
-    recomputed = full_layers * layer_activation_bytes(config, setting, "full")
-    kept = (num_layers - full_layers) * layer_activation_bytes(config, setting, rest_mode)
-    outside = (embedding_activation_bytes(config, setting) if first else 0)
+    other_mode = "selective" if setting.recompute == "selective" else "none"
+    checkpoints = full_layers * layer_activation_bytes(config, setting, "full")
+    other_layers = (num_layers - full_layers) * layer_activation_bytes(config, setting, other_mode)
+    embedding = embedding_activation_bytes(config, setting) if first else 0
     head = head_activation_bytes(config, setting) if last else 0
-    stored = outside + recomputed + kept + head
+    stored = embedding + checkpoints + other_layers + head
 
-    # The head's tensors are freed before any block's backward pass starts.
-    backward_peak = 0
+    # The head's tensors are freed before the backward pass of any block starts.
+    backward_peak = stored - head
     if full_layers:
-        # Backward of the deepest recomputed block: every recomputed block's input is held, and
-        # the block runs its forward again (its input is the stored one).
-        block = layer_activation_bytes(config, setting, "none")
-        backward_peak = outside + recomputed + block - layer_activation_bytes(config, setting, "full")
+        # The deepest recomputed block runs its forward again while every recomputed block's
+        # input is still saved. The blocks after it have already finished their backward.
+        recomputed_block = layer_activation_bytes(config, setting, "none") - layer_activation_bytes(config, setting, "full")
+        backward_peak = max(backward_peak, embedding + checkpoints + recomputed_block)
     elif setting.recompute == "selective" and num_layers:
-        # Backward of the last block reaches the attention core after the MLP and the output
-        # projection have freed their tensors; the core is recomputed then.
-        b, s, t = setting.micro_batch, setting.seq_len, setting.tp
-        c = setting.matmul_bytes
-        sbh = s * b * config.n_embd
-        last_block_left = layer_activation_bytes(config, setting, "selective") - _after_core_bytes(config, setting)
-        core = attention_core_bytes(config, setting) - (c * sbh // t if setting.dropout else 0)
-        if setting.dropout and config.n_head // t > 1 and b > 1:
-            # torch.matmul folds (b, heads) into one batch dim, which for these strided views of
-            # the QKV output takes a contiguous copy of q, k and v; the recomputed core saves the
-            # copies. With one head or one sequence per rank the views fold without a copy.
-            core += 3 * c * sbh // t
-        backward_peak = outside + (num_layers - 1) * layer_activation_bytes(config, setting, "selective") \
-            + last_block_left + core
-    return StageActivations(stored, max(stored - head, backward_peak))
+        # The last block's attention core is recomputed after the block's MLP and output
+        # projection have run their backward and freed their tensors.
+        selective = layer_activation_bytes(config, setting, "selective")
+        before_core = selective - _after_core_bytes(config, setting)
+        backward_peak = max(backward_peak, embedding + (num_layers - 1) * selective + before_core
+                            + _recomputed_core_bytes(config, setting))
+    return StageActivations(stored, backward_peak)
+
+
+def _recomputed_core_bytes(config: GPTConfig, setting: ActivationSetting) -> int:
+    """Return the bytes that one recomputed attention core saves during its backward pass."""
+    b, s, t, c = setting.micro_batch, setting.seq_len, setting.tp, setting.matmul_bytes
+    sbh = s * b * config.n_embd
+    if not setting.dropout:
+        return attention_core_bytes(config, setting)  # the flash kernel's output and log-sum-exp
+    core = attention_core_bytes(config, setting) - c * sbh // t  # without the projection's input
+    if config.n_head // t > 1 and b > 1:
+        # torch.matmul folds (b, heads) into one batch dim. For these strided views of the QKV
+        # output that takes contiguous copies of q, k and v, which the recomputed core saves.
+        # With one head or one sequence per rank the views fold without a copy.
+        core += 3 * c * sbh // t
+    return core
 
 
 def _after_core_bytes(config: GPTConfig, setting: ActivationSetting) -> int:
-    """Bytes of a block saved after the attention core: projection input, LayerNorm 2, MLP."""
+    """Return the bytes a block saves after its attention core: the output projection's input,
+    LayerNorm 2 and the MLP."""
     b, s, t, d = setting.micro_batch, setting.seq_len, setting.tp, setting.sequence_split
     r, c, w = setting.param_bytes, setting.matmul_bytes, setting.stat_bytes
     sbh = s * b * config.n_embd

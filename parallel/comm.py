@@ -199,7 +199,8 @@ def start_all_gather(x: torch.Tensor, dim: int, group: Group, async_op: bool = T
 def start_reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool = True):
     """Start summing `x` over the group and keeping this member's slice of `dim`.
 
-    Returns (slice, work), valid once `work` has been waited for (work None: already done).
+    Returns (slice, work). `slice` is valid once `work` has been waited for; work is None when
+    the reduce-scatter has already completed.
     """
     if x.shape[dim] % group.size != 0:
         raise ValueError(f"dim {dim} of shape {tuple(x.shape)} does not split over the "

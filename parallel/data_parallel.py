@@ -8,8 +8,8 @@ the buffer, filled in reverse parameter order (the order in which backward produ
 Two reductions:
   `average`: all-reduce every bucket; every replica ends with the whole averaged gradient.
   `reduce_scatter_average`: for the distributed optimizer (ZeRO-1). Each bucket is padded to a
-    multiple of dp and viewed as dp equal chunks; member i of the dp group ends with the average
-    of chunk i of every bucket (its shard) and leaves the rest of the buffer unreduced.
+    multiple of dp and viewed as dp equal chunks. Member i of the dp group ends with the average
+    of chunk i of every bucket (its shard), and the rest of its buffer stays unreduced.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class GradientBuffer:
     `bucket_bytes` bytes.
 
     With `pad_buckets` every bucket's length is padded to a multiple of the group size, as
-    `reduce_scatter_average` needs; padding elements belong to no parameter and stay zero.
+    `reduce_scatter_average` needs. Padding elements belong to no parameter and stay zero.
     """
 
     def __init__(self, params: list[nn.Parameter], group: Group, bucket_bytes: int = 4 * 2**20,

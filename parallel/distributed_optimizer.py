@@ -1,7 +1,7 @@
 """The distributed optimizer (ZeRO stage 1, Rajbhandari et al. 2020): optimizer state sharded
 over the dp group.
 
-Every dp replica holds the whole model and the whole gradient buffer, but updates only its shard:
+Every dp replica keeps the whole model and the whole gradient buffer, but updates only its shard:
 the chunk of every gradient bucket that `GradientBuffer.reduce_scatter_average` reduces for it.
 The parameters are moved into flat buffers laid out exactly like the gradient buffers, so after
 the update one all-gather per bucket gives every replica all the updated parameters.
@@ -41,9 +41,9 @@ class Segment:
 
 
 class DistributedOptimizer:
-    """Runs `optimizer_class` (elementwise, such as torch.optim.AdamW) on this rank's shard.
+    """An elementwise torch optimizer (such as torch.optim.AdamW) run on this rank's shard.
 
-    param_groups: torch-style groups ({"params": [...], option: value}); each option applies to
+    param_groups: torch-style groups ({"params": [...], option: value}). Each option applies to
         the segments of that group's parameters.
     Use `grads` as the gradient buffer: backward accumulates into it, `reduce_gradients` averages
     this rank's shard, `step` updates the shard and all-gathers the parameters.
@@ -111,7 +111,7 @@ class DistributedOptimizer:
                 step[0] = float(state["step"])
         for key in keys:
             self._all_gather_shards(full[key])
-        # A rank whose shard holds only padding has no state; take the step from the others.
+        # A rank whose shard is only padding has no state, so it takes the step from the others.
         comm.all_reduce(step, self.group, op=dist.ReduceOp.MAX)
 
         states = {}

@@ -98,10 +98,10 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
 # Linear layers
 
 
-# How the input of a linear layer relates to the TP group.
+# Input layouts of a linear layer over the TP group.
 LOCAL = "local"  # nothing to communicate: a row-parallel layer's split input, or tp=1
 REPLICATED = "replicated"  # the same full input on every rank
-SEQUENCE_SHARDED = "sequence"  # each rank holds its slice of the sequence (dim SEQUENCE_DIM)
+SEQUENCE_SHARDED = "sequence"  # each rank has its slice of the sequence (dim SEQUENCE_DIM)
 
 
 class _ParallelLinear(torch.autograd.Function):
@@ -109,11 +109,11 @@ class _ParallelLinear(torch.autograd.Function):
 
     REPLICATED input: backward all-reduces the input gradient (the `f` operator) and overlaps that
     all-reduce with the weight-gradient matmul, which does not depend on it.
-    SEQUENCE_SHARDED input: forward all-gathers the sequence and keeps only this rank's slice for
-    backward; backward all-gathers it again (overlapped with the input-gradient matmul) and
-    reduce-scatters the input gradient (overlapped with the weight-gradient matmul).
-    Inside `deferring_weight_grads` the weight and bias gradients are queued instead of computed;
-    the queued work holds the gathered input, so it needs no communication when it runs.
+    SEQUENCE_SHARDED input: forward all-gathers the sequence but saves only this rank's slice.
+    Backward all-gathers the slices again while it computes the input gradient, then
+    reduce-scatters the input gradient while it computes the weight gradient.
+    Inside `deferring_weight_grads` the weight and bias gradients are queued instead of computed.
+    The queued work keeps the gathered input, so it needs no communication when it runs.
     """
 
     @staticmethod
@@ -202,9 +202,9 @@ def linear_with_tp_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          group: Group, sequence_parallel: bool = False) -> torch.Tensor:
     """Return x W^T + b for a weight split by output rows over `group`.
 
-    x is replicated over `group` (identity forward, all-reduce of its gradient backward: the `f`
-    operator), or with `sequence_parallel` it is this rank's slice of the sequence, which is
-    all-gathered first; the output then covers the whole sequence.
+    x is replicated over `group`: the identity forward and an all-reduce of its gradient backward
+    (the `f` operator). With `sequence_parallel`, x is this rank's slice of the sequence instead,
+    which is all-gathered first, so the output covers the whole sequence.
     """
     if group.size == 1:
         mode = LOCAL
@@ -228,8 +228,8 @@ def mark_sequence_parallel(*params: nn.Parameter | None) -> None:
 def sum_sequence_parallel_grads(params, group: Group) -> None:
     """Sum the gradients of parameters marked `sequence_parallel` over the TP group.
 
-    Each TP rank's gradient covers only its part of the sequence; the sum is the gradient of the
-    whole sequence, the same on every rank. One all-reduce over the gradients flattened together.
+    Each TP rank's gradient covers only its part of the sequence, so the sum is the gradient of
+    the whole sequence, the same on every rank. The gradients are flattened into one all-reduce.
     """
     grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if group.size == 1 or not grads:
@@ -246,7 +246,7 @@ class ColumnParallelLinear(nn.Module):
     """Linear layer whose output features are split over the TP group.
 
     The input is replicated on every TP rank, or with `sequence_parallel` split along the
-    sequence and all-gathered; each rank computes its slice of the output for the whole sequence.
+    sequence and all-gathered. Each rank computes its slice of the output for the whole sequence.
     With `gather_output` the slices are all-gathered into the full output. `blocks` > 1 splits
     fused weights block by block (see ShardSpec).
     """

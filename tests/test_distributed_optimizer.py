@@ -85,3 +85,48 @@ def test_zero1_checkpoints_reshard_across_layouts():
     other_layout = {"layout.tp": 2, "layout.dp": 2, **ZERO}
     resumed = run_job(_resume_job, Layout(tp=2, dp=2), other_layout, single, 2)[0]
     assert_params_close(resumed, expected)
+
+
+def _many_buckets_job(rank, world_size):
+    from parallel.distributed_optimizer import DistributedOptimizer
+    from parallel.mesh import Mesh
+
+    mesh = Mesh(Layout(dp=world_size), rank)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (4, 4), (3,), (2, 9)]
+    initial = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+             for _ in range(world_size)]
+    options = {"lr": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
+
+    sharded = [torch.nn.Parameter(t.clone()) for t in initial]
+    # Buckets of about 40 bytes (five float64 elements): several buckets, whose dp chunks cut
+    # through parameters.
+    optimizer = DistributedOptimizer([{"params": sharded[:3], "weight_decay": 0.1},
+                                      {"params": sharded[3:], "weight_decay": 0.0}],
+                                     mesh.dp, torch.optim.AdamW, bucket_bytes=40, **options)
+    replicated = [torch.nn.Parameter(t.clone()) for t in initial]
+    reference_optimizer = torch.optim.AdamW([{"params": replicated[:3], "weight_decay": 0.1},
+                                             {"params": replicated[3:], "weight_decay": 0.0}], **options)
+    for _ in range(2):
+        optimizer.grads.zero()
+        for param, grad in zip(sharded, grads[rank]):
+            param.grad.add_(grad)
+        optimizer.reduce_gradients()
+        optimizer.step()
+        for param, *per_rank in zip(replicated, *grads):
+            param.grad = sum(per_rank) / world_size
+        reference_optimizer.step()
+    partial = [s for s in optimizer.segments if s.end - s.start < s.param.numel()]
+    return {"buckets": len(optimizer.grads.bucket_ranges), "partial_segments": len(partial),
+            "sharded": [p.detach().clone() for p in sharded],
+            "replicated": [p.detach().clone() for p in replicated]}
+
+
+def test_zero1_shards_cut_through_parameters():
+    for rank, result in enumerate(run_job(_many_buckets_job, Layout(dp=2))):
+        assert result["buckets"] > 2, "the test needs several buckets"
+        assert result["partial_segments"] > 0, "no shard cuts through a parameter"
+        for index, (actual, expected) in enumerate(zip(result["sharded"], result["replicated"])):
+            torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, i=index: f"rank {rank}, parameter {i}: {m}")

@@ -238,16 +238,15 @@ def validate(config: RunConfig) -> None:
 
 
 def _memory_problems(config: RunConfig) -> list[str]:
-    """Check sequence parallelism, recomputation and mixed precision."""
+    """Return the broken rules of sequence parallelism, recomputation and mixed precision."""
     lay, tr = config.layout, config.train
     problems = []
     if lay.sequence_parallel and config.seq_len % lay.tp != 0:
-        good = [n for n in range(lay.tp, config.model.n_positions + 1, lay.tp)]
-        suggestion = f"such as seq_len={good[-1]}" if good else "with a larger n_positions"
+        shorter = config.seq_len - config.seq_len % lay.tp
         problems.append(
             f"seq_len={config.seq_len} is not divisible by tp={lay.tp}: sequence parallelism splits "
-            f"each sequence over the TP ranks; use a multiple of {lay.tp} ({suggestion}) or set "
-            f"layout.sequence_parallel=false"
+            f"each sequence over the TP ranks; use a multiple of {lay.tp} (such as train.seq_len="
+            f"{shorter or lay.tp}) or set layout.sequence_parallel=false"
         )
     if tr.recompute not in RECOMPUTE_MODES:
         problems.append(f"train.recompute={tr.recompute!r} must be one of {list(RECOMPUTE_MODES)}")

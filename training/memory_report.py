@@ -5,12 +5,12 @@ flat gradient buffers), optimizer-state bytes (AdamW's moments and step counts) 
 activation bytes during the step. `model.memory` predicts each of them.
 
 Activations are measured with torch.autograd.graph.saved_tensors_hooks, so the measurement works
-on every device: each tensor that autograd saves for backward is counted by its storage (a
-storage that several saved tensors share counts once) from the moment it is saved until autograd
-releases it, and the peak of the running total is kept. Parameters are not counted. This is what
-the activation formulas count; it leaves out tensors that live only between two ops (a matmul
-output that the next op consumes), gradients in flight, and the tensors that pipeline stages
-send and receive.
+on every device. Each tensor that autograd saves for backward is counted by its storage from the
+moment it is saved until autograd releases it, and the peak of the running total is kept. A
+storage that several saved tensors share counts once, and parameters are not counted. This is
+what the activation formulas count. It leaves out tensors that live only between two ops (a
+matmul output that the next op consumes), gradients in flight, and the tensors that pipeline
+stages send and receive.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from model.memory import (
 
 
 class ActivationMeter:
-    """Counts the bytes of saved tensors alive at each moment inside the block, and their peak.
+    """A counter of the bytes of saved tensors alive at each moment inside the block, and of
+    their peak.
 
     Storages of `exclude` (the parameters) are not counted.
     """

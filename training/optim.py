@@ -64,7 +64,7 @@ def global_grad_norm(named_params, mesh: Mesh, holds_first_stage: bool, optimize
     """Return the L2 norm of the gradient of the whole model, identical on every rank.
 
     Gradients are already averaged over dp, so the replicas agree and only the model-parallel
-    group (tp x pp) takes part in the sum. With a DistributedOptimizer each dp rank holds the
+    group (tp x pp) takes part in the sum. With a DistributedOptimizer each dp rank has the
     averaged gradient of its shard only, so the sum runs over the shards and the dp group too.
     """
     counted = {id(p) for name, p in named_params if counted_once(name, p, mesh, holds_first_stage)}
@@ -93,8 +93,8 @@ def update_gradients(params, optimizer) -> list[torch.Tensor]:
 def clip_gradients(grads: list[torch.Tensor], norm: float, max_norm: float, loss_scale: float = 1.0) -> None:
     """Scale gradients so that their global norm is at most `max_norm` (0 turns clipping off).
 
-    `norm` is the norm of the true gradients; the gradients themselves are still multiplied by
-    `loss_scale` (fp16 loss scaling), which this removes in the same pass.
+    `norm` is the norm of the true gradients. The gradients themselves may still be multiplied
+    by `loss_scale` (fp16 loss scaling), and this function divides it out in the same pass.
     """
     scale = 1.0 / loss_scale
     if max_norm > 0:

@@ -2,7 +2,7 @@
 
 The parameters stay in float32 and are the master weights. The forward pass runs under
 torch.autocast, so matmuls and attention compute in bf16 or fp16 while LayerNorm, the residual
-stream and the loss stay in fp32; the gradients reach the float32 gradient buffer, where they
+stream and the loss stay in fp32. The gradients land in the float32 gradient buffer, where they
 accumulate over micro-batches and are reduced over dp.
 
 fp16 has 5 exponent bits, so small gradients underflow to zero. Dynamic loss scaling multiplies
@@ -38,8 +38,10 @@ class DynamicLossScaler:
         self._good_steps = 0
 
     def update(self, grad_norm: float) -> bool:
-        """Update the scale after a backward pass whose gradient norm was `grad_norm`; return
-        whether the gradients are finite, that is whether the step may be taken."""
+        """Update the scale after a backward pass whose gradient norm was `grad_norm`.
+
+        Returns whether the gradients are finite, which is whether the step may be taken.
+        """
         if not math.isfinite(grad_norm):
             self.scale = max(self.min_scale, self.scale / 2)
             self._good_steps = 0

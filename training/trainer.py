@@ -225,7 +225,7 @@ class Trainer:
         """Return every gradient as a full tensor under its global name, on global rank 0.
 
         Call after `compute_gradients`. Not available with the distributed optimizer, whose
-        ranks hold only their shard of the reduced gradients.
+        ranks keep only their shard of the reduced gradients.
         """
         if isinstance(self.optimizer, DistributedOptimizer):
             raise RuntimeError("gather_gradients needs whole gradients on every replica; the "
