@@ -5,7 +5,7 @@ self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the tok
 
 A `GPTChunk` is a contiguous range of blocks, plus the embeddings when it is the first stage and
 the final LayerNorm and head when it is the last. The single-process model is one chunk with every
-block, both ends and a mesh of one rank; a pipeline stage is a chunk with fewer blocks. Blocks
+block and both ends, on a mesh of one rank. A pipeline stage is a chunk with fewer blocks. Blocks
 live in a ModuleDict keyed by their global index, so parameter names (`transformer.h.5.attn...`)
 are the same whichever rank holds them, and they match the names of a Hugging Face GPT-2
 checkpoint (whose Conv1D weights are the transpose of these nn.Linear-layout weights).
@@ -14,9 +14,9 @@ Options that change memory, not results:
   sequence_parallel: the residual stream, the LayerNorms and the dropouts outside attention and
     the MLP work on this TP rank's slice of the sequence, (b, s / tp, h).
   recompute: "selective" recomputes the attention core (scores, softmax, dropout and the
-    attention-weighted values) in backward, which holds the terms that grow with s^2; "full"
-    stores only each block's input and recomputes the whole block in backward, for the first
-    `recompute_layers` blocks of each chunk (all of them when None).
+    attention-weighted values) in backward, which contains the terms that grow with s^2.
+    "full" stores only each block's input and recomputes the whole block in backward, for the
+    first `recompute_layers` blocks of each chunk (all of them when None).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 @dataclass
 class ForwardContext:
-    """What a forward pass needs besides its input: where the micro-batch sits in the global
-    batch (for layout-invariant dropout) and how the loss is scaled."""
+    """Inputs of a forward pass besides the tensor: the micro-batch's place in the global batch
+    (for layout-invariant dropout) and the loss scale."""
 
     seed: int = 0
     step: int = 0
@@ -72,7 +72,7 @@ class SequenceShard:
         return ctx.position_offset + self.rank * local_len
 
     def hidden_slice(self, x: torch.Tensor, ctx: ForwardContext) -> GlobalSlice:
-        """Return where a local (b, s_local, h) hidden state sits in the global
+        """Return the place of a local (b, s_local, h) hidden state in the global
         (batch, sequence, hidden) tensor."""
         b, s_local, h = x.shape
         return GlobalSlice(sizes=(ctx.global_batch, s_local * self.shards, h),
