@@ -225,7 +225,11 @@ def _after_core_bytes(config: GPTConfig, setting: ActivationSetting) -> int:
 
 def peak_activation_bytes(stage_bytes: dict[int, StageActivations], actions) -> int:
     """Return the peak activation bytes of one rank that runs `actions` (compute actions of a
-    schedule: F and B of (stage, micro-batch)), given each stage's per-micro-batch bytes."""
+    schedule: F and B of (stage, micro-batch)), given each stage's per-micro-batch bytes.
+
+    NOTE: a split backward frees everything here at its I action, although the inputs that the
+    weight gradients need stay until W runs, so zero-bubble schedules are underestimated.
+    """
     held, peak = 0, 0
     for action in actions:
         if action.kind == "F":

@@ -100,7 +100,7 @@ class DistributedOptimizer:
         Collective over the dp group. A state that is missing (before the first step) is zero.
         """
         full = {key: [torch.zeros_like(buffer) for buffer in self.param_buffers] for key in keys}
-        step = torch.zeros(1, dtype=torch.float64)
+        step = torch.zeros(1, dtype=torch.float64, device=self.param_buffers[0].device)
         for segment in self.segments:
             state = self.optimizer.state.get(segment.tensor, {})
             buffer_index, offset = self.grads.offsets[id(segment.param)]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +72,32 @@ def test_pipeline_sequence_parallel_memory_matches_prediction():
         assert report.measured.activations == pytest.approx(report.predicted.activations, rel=1e-2), \
             report.label
         assert report.measured.parameters == report.predicted.parameters, report.label
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RUN = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+            "--set", "model.n_positions=32", "--global-batch", "8", "--set", "train.eval_interval=0",
+            "--set", "train.eval_batches=1", "--set", "run.sample_tokens=0"]
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY_RUN, *args],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+def test_train_script_memory_options_and_reshard(tmp_path):
+    out = tmp_path / "run"
+    first = _train("--tp", "2", "--dp", "2", "--sequence-parallel", "--recompute", "selective",
+                   "--mixed-precision", "bf16", "--distributed-optimizer", "--memory-report",
+                   "--steps", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "memory: sequence parallel on, recompute selective, precision bf16, distributed" in first.stderr
+    assert "peak activations MiB" in first.stderr
+    for label in ("[tp0 pp0 dp0]", "[tp1 pp0 dp0]", "[tp0 pp0 dp1]", "[tp1 pp0 dp1]"):
+        assert label in first.stderr, f"the memory report has no row for {label}"
+
+    # The ZeRO-1 checkpoint resumes in another layout, without the distributed optimizer.
+    resumed = _train("--pp", "2", "--micro-batches", "2", "--steps", "3", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 2" in resumed.stderr
+    assert "step     3/3" in resumed.stderr

@@ -73,7 +73,8 @@ def global_grad_norm(named_params, mesh: Mesh, holds_first_stage: bool, optimize
         grads = [grad for param, grad in optimizer.local_grads() if id(param) in counted]
     else:
         grads = [p.grad for _, p in named_params if id(p) in counted]
-    device = grads[0].device if grads else torch.device("cpu")
+    # A ZeRO-1 shard may hold no gradient at all, so the device comes from the parameters.
+    device = named_params[0][1].device if named_params else torch.device("cpu")
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for grad in grads:
         total += grad.detach().double().square().sum()
@@ -90,7 +91,7 @@ def update_gradients(params, optimizer) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def clip_gradients(grads: list[torch.Tensor], norm: float, max_norm: float, loss_scale: float = 1.0) -> None:
+def clip_and_unscale(grads: list[torch.Tensor], norm: float, max_norm: float, loss_scale: float = 1.0) -> None:
     """Scale gradients so that their global norm is at most `max_norm` (0 turns clipping off).
 
     `norm` is the norm of the true gradients. The gradients themselves may still be multiplied

@@ -36,7 +36,7 @@ from parallel.pipeline.schedules import build_schedule, forward_only
 from training import state
 from training.config import RunConfig
 from training.data import TokenBatches
-from training.optim import build_optimizer, clip_gradients, global_grad_norm, learning_rate, update_gradients
+from training.optim import build_optimizer, clip_and_unscale, global_grad_norm, learning_rate, update_gradients
 from training.precision import DynamicLossScaler, autocast_dtype
 
 log = logging.getLogger("microtron")
@@ -88,6 +88,8 @@ class Trainer:
         else:
             self.grads = GradientBuffer(self.params, mesh.dp)
         self.autocast_dtype = autocast_dtype(train.mixed_precision)
+        # NOTE: checkpoints do not store the loss scale; a resumed fp16 run starts again from the
+        # initial scale and lowers it at the first overflow.
         self.loss_scaler = DynamicLossScaler() if train.mixed_precision == "fp16" else None
 
         self.batches = TokenBatches(tokens, config.seq_len, config.data.val_fraction, train.seed)
@@ -123,8 +125,8 @@ class Trainer:
                 log.warning("step %d: fp16 gradients overflowed; skipped the update and lowered the "
                             "loss scale to %g", step + 1, self.loss_scaler.scale)
         else:
-            clip_gradients(update_gradients(self.params, self.optimizer), norm,
-                           self.config.train.grad_clip, loss_scale)
+            clip_and_unscale(update_gradients(self.params, self.optimizer), norm,
+                             self.config.train.grad_clip, loss_scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
