@@ -1,0 +1,203 @@
+"""The `scripts/generate.py` command: load a checkpoint in a tp x pp layout and generate text.
+
+Like `scripts/train.py`, the command spawns tp * pp local ranks on gloo, or joins the job when
+started by torchrun. Every check that needs no communication (the checkpoint's files and
+digests, the layout against the model, the prompt's length) runs before any rank starts. Global
+rank 0 streams the text to standard output as the tokens are produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from model.config import GPTConfig
+from parallel.launch import RankFailure, describe_self, init_from_torchrun, run_ranks, set_label, under_torchrun
+from parallel.mesh import Layout, Mesh
+from training import checkpoint
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, LayoutConfig, RunConfig, validate
+from training.data import ByteTokenizer
+from training.generate import Decoder, SamplingConfig, check_prompt, generate
+from training.progress import configure_logging
+
+log = logging.getLogger("microtron")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TOKENIZERS = ("bytes", "ids")
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything a rank needs; built and checked before the ranks start."""
+
+    checkpoint: str
+    model: dict
+    tp: int
+    pp: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    tokenizer: str
+    dtype: str
+    device: str
+    threads_per_rank: int
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="generate.py",
+        description="Generate text from a checkpoint with a KV cache, in any tensor- and "
+                    "pipeline-parallel layout. Without torchrun, spawns tp * pp local ranks.")
+    parser.add_argument("checkpoint", help="checkpoint folder, or run folder with a 'latest' file "
+                                           "(such as runs/latest)")
+    parser.add_argument("--prompt", default="The ", help="text to continue (default: 'The '); "
+                        "with --tokenizer ids, token ids separated by spaces")
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="number of tokens to generate; fewer when the context fills up")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="divides the logits before sampling; 0 picks the most likely token")
+    parser.add_argument("--greedy", action="store_true", help="pick the most likely token (temperature 0)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 for all")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample among the most likely tokens whose probabilities add up to p; 1 for all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the weights and activations (default float32)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS,
+                        help="bytes: UTF-8 bytes are token ids; ids: prompt and output are token ids. "
+                             "Default: the one the checkpoint records, else bytes")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="device of the ranks")
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
+    return parser.parse_args(argv)
+
+
+def build_job(args: argparse.Namespace) -> GenerationJob:
+    """Check the checkpoint, layout, sampling settings and prompt; raise on the first problem."""
+    meta = checkpoint.verify(args.checkpoint)
+    model = GPTConfig.from_dict(meta["model"])
+    run = RunConfig(model=model, layout=LayoutConfig(tp=args.tp, pp=args.pp))
+    run.train.global_batch = 1
+    validate(run)
+
+    tokenizer = args.tokenizer or meta.get("tokenizer") or "bytes"
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"the checkpoint records the tokenizer {tokenizer!r}, which this command "
+                          f"cannot run; pass --tokenizer ids and give the prompt as token ids")
+    prompt = _encode(args.prompt, tokenizer)
+    check_prompt(prompt, model)
+    temperature = 0.0 if args.greedy else args.temperature
+    sampling = SamplingConfig(temperature, args.top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must not be negative")
+    return GenerationJob(str(checkpoint.resolve(args.checkpoint)), model.to_dict(), args.tp, args.pp,
+                         tuple(prompt), args.max_new_tokens, sampling, tokenizer, args.dtype,
+                         args.device, args.threads_per_rank)
+
+
+def _encode(prompt: str, tokenizer: str) -> list[int]:
+    if tokenizer == "bytes":
+        return [int(t) for t in ByteTokenizer().encode(prompt)]
+    try:
+        return [int(t) for t in prompt.split()]
+    except ValueError:
+        raise ConfigError(f"--tokenizer ids needs the prompt as token ids separated by spaces, "
+                          f"such as '464 2068', not {prompt!r}") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_logging(rank=0, label="")
+    try:
+        job = build_job(args)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    world_size = job.tp * job.pp
+    if under_torchrun():
+        if int(os.environ["WORLD_SIZE"]) != world_size:
+            print(f"error: torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but "
+                  f"tp * pp = {job.tp} * {job.pp} = {world_size}; start torchrun with that many "
+                  f"processes or change --tp and --pp", file=sys.stderr)
+            return 2
+        device = _device(job.device, int(os.environ.get("LOCAL_RANK", 0)))
+        rank, _ = init_from_torchrun("nccl" if device.type == "cuda" else "gloo", 300.0)
+        try:
+            generate_worker(rank, world_size, job)
+        except BaseException:
+            log.error("%s failed", describe_self())
+            raise
+        return 0
+
+    backend = "nccl" if _device(job.device, 0).type == "cuda" else "gloo"
+    try:
+        run_ranks(generate_worker, world_size, (job,), backend=backend,
+                  threads_per_rank=job.threads_per_rank)
+    except RankFailure as failure:
+        print(f"error: generation failed.\n{failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device(want: str, local_rank: int) -> torch.device:
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but torch.cuda.is_available() is False; use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def generate_worker(rank: int, world_size: int, job: GenerationJob) -> list[int]:
+    """Load this rank's slice of the checkpoint and generate; rank 0 streams the text."""
+    torch.set_num_threads(job.threads_per_rank)
+    mesh = Mesh(Layout(tp=job.tp, pp=job.pp), rank)
+    set_label(mesh.describe())
+    configure_logging(rank, mesh.describe())
+    device = _device(job.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    ckpt = checkpoint.load(job.checkpoint, optimizer=False, rng=False)
+    config = GPTConfig.from_dict(job.model)
+    decoder = Decoder.load(config, ckpt.model, mesh, DTYPES[job.dtype], device)
+    stream = _TextStream(job.tokenizer) if rank == 0 else None
+    if stream:
+        stream.write(job.prompt)
+
+    tokens = []
+    for token in generate(decoder, list(job.prompt), job.max_new_tokens, job.sampling):
+        tokens.append(token)
+        if stream:
+            stream.write([token])
+    if stream:
+        stream.close()
+    return tokens
+
+
+class _TextStream:
+    """Writes tokens to standard output as they arrive, decoding UTF-8 across token boundaries."""
+
+    def __init__(self, tokenizer: str):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, tokens) -> None:
+        if self.tokenizer == "bytes":
+            text = self.decoder.decode(bytes(int(t) for t in tokens if 0 <= int(t) < 256))
+        else:
+            text = "".join(f"{int(t)} " for t in tokens)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
