@@ -7,6 +7,8 @@ by the global parameter names of the single-process model, so it loads into any 
     optimizer.pt   AdamW state {"<name>.exp_avg": ..., "<name>.exp_avg_sq": ..., "step": ...};
                    absent when the checkpoint was imported from Hugging Face weights
     rng.pt         the random-generator states of every rank, {"rank<r>.<generator>": tensor}
+    vocab.json,    the GPT-2 tokenizer, when the checkpoint was imported from a Hugging Face
+    merges.txt     folder that has one
     meta.json      format version, step, model config, the layout it was saved from, the run
                    config, and the size and SHA-256 digest of each file above
 
@@ -90,10 +92,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def save(folder: str | Path, step: int, model: dict, optimizer: dict | None = None,
-         rng: dict | None = None, meta: dict | None = None, keep: int = 0) -> Path:
+         rng: dict | None = None, meta: dict | None = None, keep: int = 0,
+         extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the checkpoint of `step` into the run folder `folder` atomically; return its path.
 
-    Call on one rank. `keep` > 0 then deletes all but the `keep` newest checkpoints.
+    Call on one rank. `extra_files` maps file names to contents stored beside the tensors (such
+    as a tokenizer). `keep` > 0 then deletes all but the `keep` newest checkpoints.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,12 @@ def save(folder: str | Path, step: int, model: dict, optimizer: dict | None = No
             if tensors is not None:
                 torch.save(tensors, tmp / name)
                 digests[name] = _describe_file(tmp / name)
+        for name, content in (extra_files or {}).items():
+            if name in files or name == META or Path(name).name != name:
+                raise ValueError(f"extra file name {name!r} must be a plain file name other than "
+                                 f"{sorted([*files, META])}")
+            (tmp / name).write_bytes(content)
+            digests[name] = _describe_file(tmp / name)
         full_meta = {"format_version": FORMAT_VERSION, "step": step, **(meta or {}),
                      "files": digests}
         (tmp / META).write_text(json.dumps(full_meta, indent=2) + "\n")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from model.config import GPTConfig
 from model.hf import HFFormatError, read_hf_folder, write_hf_folder
 from training import checkpoint
+from training.bpe import MERGES, VOCAB
 from training.checkpoint import CheckpointError
 from training.progress import configure_logging
 
@@ -42,18 +44,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def import_hf(source, out) -> Path:
-    """Write the weights of a Hugging Face GPT-2 folder as a step-0 checkpoint; return its path."""
+    """Write the weights of a Hugging Face GPT-2 folder as a step-0 checkpoint; return its path.
+
+    The GPT-2 tokenizer files (vocab.json and merges.txt) are copied along when the folder has
+    both.
+    """
     config, state = read_hf_folder(source)
+    source = Path(source)
+    tokenizer_files = {name: (source / name).read_bytes() for name in (VOCAB, MERGES)
+                       if (source / name).is_file()}
+    if len(tokenizer_files) < 2:
+        tokenizer_files = {}
     meta = {"model": config.to_dict(), "layout": None, "dtype": _dtype_name(state),
-            "imported_from": str(source), "tokenizer": None}
-    return checkpoint.save(out, 0, state, meta=meta)
+            "imported_from": str(source), "tokenizer": "gpt2-bpe" if tokenizer_files else None}
+    return checkpoint.save(out, 0, state, meta=meta, extra_files=tokenizer_files)
 
 
 def export_hf(source, out, fmt: str = "safetensors") -> Path:
-    """Write a checkpoint's weights as a Hugging Face GPT-2 folder; return the weights path."""
+    """Write a checkpoint's weights (and GPT-2 tokenizer files, if it has them) as a Hugging
+    Face GPT-2 folder; return the weights path."""
     ckpt = checkpoint.load(source, optimizer=False, rng=False)
     config = GPTConfig.from_dict(ckpt.meta["model"])
-    return write_hf_folder(out, config, ckpt.model, fmt)
+    path = write_hf_folder(out, config, ckpt.model, fmt)
+    for name in (VOCAB, MERGES):
+        if name in ckpt.meta["files"]:
+            shutil.copyfile(ckpt.path / name, Path(out) / name)
+    return path
 
 
 def _dtype_name(state: dict) -> str:

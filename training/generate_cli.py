@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,7 @@ from parallel.mesh import Layout, Mesh
 from training import checkpoint
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, LayoutConfig, RunConfig, validate
+from training.bpe import GPT2Tokenizer
 from training.data import ByteTokenizer
 from training.generate import Decoder, SamplingConfig, check_prompt, generate
 from training.progress import configure_logging
@@ -30,7 +32,6 @@ from training.progress import configure_logging
 log = logging.getLogger("microtron")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TOKENIZERS = ("bytes", "ids")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class GenerationJob:
     prompt: tuple[int, ...]
     max_new_tokens: int
     sampling: SamplingConfig
-    tokenizer: str
+    tokenizer: str  # "bytes", "ids", or a folder with GPT-2's vocab.json and merges.txt
     dtype: str
     device: str
     threads_per_rank: int
@@ -72,9 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype of the weights and activations (default float32)")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS,
-                        help="bytes: UTF-8 bytes are token ids; ids: prompt and output are token ids. "
-                             "Default: the one the checkpoint records, else bytes")
+    parser.add_argument("--tokenizer",
+                        help="bytes: UTF-8 bytes are the token ids; ids: prompt and output are token "
+                             "ids; or a folder with GPT-2's vocab.json and merges.txt. Default: the "
+                             "tokenizer that the checkpoint records, else ids")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="device of the ranks")
     parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
     return parser.parse_args(argv)
@@ -88,11 +90,8 @@ def build_job(args: argparse.Namespace) -> GenerationJob:
     run.train.global_batch = 1
     validate(run)
 
-    tokenizer = args.tokenizer or meta.get("tokenizer") or "bytes"
-    if tokenizer not in TOKENIZERS:
-        raise ConfigError(f"the checkpoint records the tokenizer {tokenizer!r}, which this command "
-                          f"cannot run; pass --tokenizer ids and give the prompt as token ids")
-    prompt = _encode(args.prompt, tokenizer)
+    tokenizer = args.tokenizer or _recorded_tokenizer(meta, checkpoint.resolve(args.checkpoint))
+    prompt = _Codec(tokenizer).encode(args.prompt)
     check_prompt(prompt, model)
     temperature = 0.0 if args.greedy else args.temperature
     sampling = SamplingConfig(temperature, args.top_k, args.top_p, args.seed)
@@ -103,14 +102,46 @@ def build_job(args: argparse.Namespace) -> GenerationJob:
                          args.device, args.threads_per_rank)
 
 
-def _encode(prompt: str, tokenizer: str) -> list[int]:
-    if tokenizer == "bytes":
-        return [int(t) for t in ByteTokenizer().encode(prompt)]
-    try:
-        return [int(t) for t in prompt.split()]
-    except ValueError:
-        raise ConfigError(f"--tokenizer ids needs the prompt as token ids separated by spaces, "
-                          f"such as '464 2068', not {prompt!r}") from None
+def _recorded_tokenizer(meta: dict, folder: Path) -> str:
+    recorded = meta.get("tokenizer")
+    if recorded == "gpt2-bpe":
+        return str(folder)  # import stored vocab.json and merges.txt in the checkpoint
+    if recorded in ("bytes", None):
+        return recorded or "ids"
+    raise ConfigError(f"the checkpoint records the tokenizer {recorded!r}, which this command does "
+                      f"not know; pass --tokenizer")
+
+
+class _Codec:
+    """Turns the prompt into token ids and token ids into bytes (None: print the ids)."""
+
+    def __init__(self, tokenizer: str):
+        self.tokenizer = tokenizer
+        self.bpe = None
+        if tokenizer not in ("bytes", "ids"):
+            try:
+                self.bpe = GPT2Tokenizer.from_folder(tokenizer)
+            except (FileNotFoundError, ValueError) as error:
+                raise ConfigError(f"--tokenizer {tokenizer!r} is neither 'bytes' nor 'ids' nor a "
+                                  f"usable GPT-2 tokenizer folder: {error}") from None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer == "bytes":
+            return [int(t) for t in ByteTokenizer().encode(text)]
+        if self.bpe is not None:
+            return self.bpe.encode(text)
+        try:
+            return [int(t) for t in text.split()]
+        except ValueError:
+            raise ConfigError(f"--tokenizer ids needs the prompt as token ids separated by spaces, "
+                              f"such as '464 2068', not {text!r}") from None
+
+    def to_bytes(self, ids) -> bytes | None:
+        if self.tokenizer == "bytes":
+            return bytes(int(t) for t in ids if 0 <= int(t) < 256)
+        if self.bpe is not None:
+            return self.bpe.decode_bytes(ids)
+        return None
 
 
 def main(argv=None) -> int:
@@ -187,14 +218,15 @@ class _TextStream:
     """Writes tokens to standard output as they arrive, decoding UTF-8 across token boundaries."""
 
     def __init__(self, tokenizer: str):
-        self.tokenizer = tokenizer
+        self.codec = _Codec(tokenizer)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, tokens) -> None:
-        if self.tokenizer == "bytes":
-            text = self.decoder.decode(bytes(int(t) for t in tokens if 0 <= int(t) < 256))
-        else:
+        data = self.codec.to_bytes(tokens)
+        if data is None:
             text = "".join(f"{int(t)} " for t in tokens)
+        else:
+            text = self.decoder.decode(data)
         sys.stdout.write(text)
         sys.stdout.flush()
 
