@@ -11,7 +11,7 @@ microtron's parameter names already are those of Hugging Face's GPT2LMHeadModel
     the base GPT2Model name parameters without the `transformer.` prefix, and older ones also
     carry the attention-mask buffers `attn.bias` and `attn.masked_bias`, which hold no weights.
 
-A Hugging Face folder holds `config.json` and `model.safetensors` (needs the optional
+A Hugging Face folder contains `config.json` and `model.safetensors` (needs the optional
 `safetensors` package) or `pytorch_model.bin` (read with weights-only unpickling).
 """
 

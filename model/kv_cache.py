@@ -2,7 +2,7 @@
 
 Attention at a new position needs the keys and values of every earlier position. Without a cache
 each new token recomputes them for the whole prefix, so generating n tokens costs O(n^2) forward
-positions; with the cache each position is computed once. The cache stores each layer's keys and
+positions. With the cache each position is computed once. The cache stores each layer's keys and
 values in buffers of n_positions slots, allocated when the layer first writes, and holds only
 the layers and heads of this rank (a TP rank caches its own heads, a pipeline rank its own
 layers).
@@ -45,7 +45,7 @@ class KVCache:
         if start == 0:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         if s == 1:
-            return F.scaled_dot_product_attention(q, keys, values)  # the newest sees them all
-        # Query i sits at position start + i and sees keys 0 .. start + i.
+            return F.scaled_dot_product_attention(q, keys, values)  # one query attends to all keys
+        # Query i is at position start + i and attends to keys 0 .. start + i.
         mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 weights in and out.
 
 The tests build a GPT-2 state dict in Hugging Face's names and Conv1D layout, with the
-attention-mask buffers of older checkpoints and the tied `lm_head.weight`, and compare the
+attention-mask buffers of older checkpoints and the tied `lm_head.weight`. They compare the
 imported model's logits with a GPT-2 forward pass written here directly against that layout.
 """
 
@@ -122,7 +122,9 @@ def test_import_matches_reference_logits(tmp_path, fmt):
     assert ckpt.step == 0
     assert ckpt.optimizer is None
     config = GPTConfig.from_dict(ckpt.meta["model"])
-    assert config.vocab_size == 53 and config.ffn_size == 48 and config.dropout == 0.1
+    assert config.vocab_size == 53
+    assert config.ffn_size == 48
+    assert config.dropout == 0.1
     decoder = Decoder.single_process(config, ckpt.model, dtype=torch.float64)
     ids = _probe(53)
     torch.testing.assert_close(decoder.logits(ids), reference_logits(hf_state, ODD, ids),

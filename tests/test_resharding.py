@@ -86,7 +86,8 @@ def test_checkpoint_moves_between_layouts(tmp_path):
     expected_logits = _last_stage_logits(results)
     expected_loss = results[0]["next_loss"]
     original = checkpoint.load(saved)
-    assert original.meta["layout"]["tp"] == 2 and original.meta["layout"]["pp"] == 2
+    assert original.meta["layout"]["tp"] == 2
+    assert original.meta["layout"]["pp"] == 2
 
     copies = []
     for layout in OTHER_LAYOUTS:

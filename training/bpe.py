@@ -1,9 +1,9 @@
 """GPT-2's byte-level BPE tokenizer, read from a Hugging Face folder's vocab.json and merges.txt.
 
-Encoding splits the text into pieces with GPT-2's pattern (contractions, runs of letters, runs of
-digits, runs of other symbols, whitespace), maps each piece's UTF-8 bytes to printable characters
-with GPT-2's byte-to-character table, and merges adjacent symbols by rank, lowest first, as
-merges.txt lists them. Decoding maps characters back to bytes.
+Encoding first splits the text into pieces with GPT-2's pattern: contractions, runs of letters,
+runs of digits, runs of other symbols, and whitespace. Each piece's UTF-8 bytes become printable
+characters through GPT-2's byte-to-character table. Adjacent symbols are then merged by rank,
+lowest first, as merges.txt lists them. Decoding maps characters back to bytes.
 
 GPT-2's pattern uses the Unicode classes \\p{L} and \\p{N}, which the optional `regex` package
 supports. Without it, Python's `re` stands in with [^\\W\\d_] for letters and \\d for digits.
@@ -42,7 +42,7 @@ def byte_to_char() -> dict[int, str]:
     """Return GPT-2's map from each byte to a printable character.
 
     Bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') map to
-    themselves; the other 68 bytes map, in byte order, to the characters from U+0100 on.
+    themselves. The other 68 bytes map, in byte order, to the characters from U+0100 on.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]

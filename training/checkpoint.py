@@ -12,9 +12,9 @@ by the global parameter names of the single-process model, so it loads into any 
     meta.json      format version, step, model config, the layout it was saved from, the run
                    config, and the size and SHA-256 digest of each file above
 
-Saving writes the folder under a temporary name, fsyncs it and renames it into place, then
-rewrites the `latest` file (also by rename), so a crash at any point leaves the previous
-checkpoint and a `latest` that names a complete one. Loading checks the format version, each
+Saving writes the folder under a temporary name, fsyncs it and renames it into place. Then it
+rewrites the `latest` file, also by rename. A crash at any point therefore leaves the previous
+checkpoint intact and a `latest` that names a complete checkpoint. Loading checks the format version, each
 file's size and digest, and the tensor types, and unpickles with `weights_only=True`, which
 cannot run code. Errors name the file and what is wrong with it.
 

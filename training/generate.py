@@ -33,7 +33,7 @@ log = logging.getLogger("microtron")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is picked from the logits."""
+    """Settings for picking the next token from the logits."""
 
     temperature: float = 0.8  # 0 picks the most likely token (greedy decoding)
     top_k: int = 40  # sample among the k most likely tokens; 0 turns the cut off

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """Everything a rank needs; built and checked before the ranks start."""
+    """The settings of one generation run, built and checked before any rank starts."""
 
     checkpoint: str
     model: dict
@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bytes: UTF-8 bytes are the token ids; ids: prompt and output are token "
                              "ids; or a folder with GPT-2's vocab.json and merges.txt. Default: the "
                              "tokenizer that the checkpoint records, else ids")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="device of the ranks")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="device of the ranks (default: cuda when available)")
     parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads in each rank")
     return parser.parse_args(argv)
 
@@ -113,7 +114,7 @@ def _recorded_tokenizer(meta: dict, folder: Path) -> str:
 
 
 class _Codec:
-    """Turns the prompt into token ids and token ids into bytes (None: print the ids)."""
+    """Conversion of the prompt to token ids, and of token ids to bytes (None: print the ids)."""
 
     def __init__(self, tokenizer: str):
         self.tokenizer = tokenizer
@@ -215,7 +216,7 @@ def generate_worker(rank: int, world_size: int, job: GenerationJob) -> list[int]
 
 
 class _TextStream:
-    """Writes tokens to standard output as they arrive, decoding UTF-8 across token boundaries."""
+    """Standard output that shows tokens as they arrive, decoding UTF-8 across token boundaries."""
 
     def __init__(self, tokenizer: str):
         self.codec = _Codec(tokenizer)

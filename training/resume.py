@@ -1,8 +1,8 @@
 """Save a trainer's state as a layout-free checkpoint, and resume or start training from one.
 
-A resumed run continues exactly where the saved one stopped, in any layout: batches depend only
-on (seed, step) and dropout masks on (seed, step, layer, global index), so besides the step the
-state is the parameters, the AdamW state and the random-generator states. The learning rate is a
+A resumed run continues exactly where the saved one stopped, in any layout. Batches depend only
+on (seed, step) and dropout masks on (seed, step, layer, global index). Besides the step, the
+state to restore is therefore the parameters, the AdamW state and the random-generator states. The learning rate is a
 function of the step and the `train` section, which the checkpoint stores in its run config.
 
 Every rank of the job calls these functions: saving gathers the full tensors on global rank 0,
@@ -78,7 +78,7 @@ def resume(trainer, config: RunConfig, path: str | Path) -> Checkpoint:
     ckpt = checkpoint.load(path)
     checkpoint.check_model_config(ckpt.meta, config.model.to_dict(), str(ckpt.path))
     if ckpt.optimizer is None:
-        raise CheckpointError(f"{ckpt.path} has no optimizer state (it holds imported weights), so "
+        raise CheckpointError(f"{ckpt.path} has no optimizer state (it contains imported weights), so "
                               f"training cannot resume from it; start from its weights with "
                               f"--init-from {ckpt.path}")
     _load_into(trainer.load_model, ckpt.model, ckpt.path / checkpoint.MODEL)
