@@ -72,12 +72,18 @@ def test_long_prompt_rejected(tiny):
         list(generate(decoder, [1] * 33, 5))
 
 
-def test_generation_stops_at_full_context(tiny):
-    decoder = Decoder.single_process(tiny, _weights(tiny))
-    prompt = [7] * (tiny.n_positions - 2)
-    # Positions n-2 and n-1 take the last two fed tokens; the token after the last position
-    # is still predicted, so three new tokens come out.
-    assert len(list(generate(decoder, prompt, 10, SamplingConfig(temperature=0.0)))) == 3
+def test_window_slides_past_context(tiny):
+    decoder = Decoder.single_process(tiny, _weights(tiny, std=0.3), dtype=torch.float64)
+    prompt = [7, 40, 41] * 10
+    tokens = list(generate(decoder, prompt, 12, SamplingConfig(temperature=0.0)))
+    assert len(tokens) == 12
+
+    ids, expected = list(prompt), []
+    for _ in range(12):
+        window = torch.tensor([ids[-tiny.n_positions:]])
+        expected.append(int(decoder.logits(window)[0, -1].argmax()))
+        ids.append(expected[-1])
+    assert tokens == expected
 
 
 def test_sampling_settings():

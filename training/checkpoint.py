@@ -28,8 +28,8 @@ DCP's FileSystemReader reads its `.metadata` file with `pickle.load`, which runs
 the file names, and loading must never do that. So global rank 0 gathers full tensors and writes
 them alone (see `training/state.py` for the gather).
 NOTE: that design holds the whole model and its AdamW state in rank 0's CPU memory while
-saving, and every rank reads the full files when loading (memory-mapped), which suits models of
-up to a few billion parameters.
+saving, and every rank maps the full files when loading, so the full state must fit in the
+memory of one host.
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ def _remove_incomplete(folder: Path) -> None:
         if path.is_dir() and path.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
             log.warning("removing %s, left behind by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.startswith(f".{LATEST}.tmp-"):
+            path.unlink(missing_ok=True)
 
 
 def prune(folder: str | Path, keep: int) -> list[Path]:

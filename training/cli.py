@@ -9,6 +9,7 @@ starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from parallel.launch import RankFailure, describe_self, init_from_torchrun, run_
 from parallel.mesh import Mesh
 from model.config import GPTConfig
 from training import checkpoint
+from training.bpe import MERGES, VOCAB
 from training.checkpoint import ARCHITECTURE_FIELDS, CheckpointError
 from training.config import ConfigError, RunConfig, default_config_path, load_run_config, validate
 from training.data import ByteTokenizer, TokenBatches, load_corpus, unigram_entropy
@@ -100,6 +102,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         # Checked here, before any rank starts: a damaged checkpoint fails the command at once.
         meta = checkpoint.verify(start[1])
         config.model = _model_from_checkpoint(meta, overrides, start[1])
+        log.info("model config from the checkpoint %s", checkpoint.resolve(start[1]))
     validate(config)
     return config
 
@@ -203,14 +206,16 @@ def train_worker(rank: int, world_size: int, config_dict: dict) -> dict:
     if rank == 0:
         _log_start(config, trainer, corpus)
     start = start_checkpoint(config)
+    start_ckpt = None
     if start is not None:
         kind, path = start
-        (resume if kind == "resume" else init_from)(trainer, config, path)
+        start_ckpt = (resume if kind == "resume" else init_from)(trainer, config, path)
     first_step = trainer.step
 
-    # The tokenizer lets scripts/generate.py turn a prompt into token ids and back.
-    checkpoint_extras = {"tokenizer": "bytes" if corpus.tokenized_bytes else None}
-    saved_step = _train_loop(trainer, config, rank, checkpoint_extras)
+    tokenizer_meta, tokenizer_files = _tokenizer_record(corpus, start_ckpt)
+    save = functools.partial(save_checkpoint, trainer, config, config.run.out, tokenizer_meta,
+                             tokenizer_files)
+    saved_step = _train_loop(trainer, config, rank, save)
     ran = trainer.step > first_step
     final_val = trainer.evaluate() if ran else None
     if rank == 0 and final_val is not None:
@@ -218,15 +223,26 @@ def train_worker(rank: int, world_size: int, config_dict: dict) -> dict:
                  unigram_entropy(corpus.tokens))
     resumed_without_training = start is not None and start[0] == "resume" and not ran
     if config.run.out and saved_step != trainer.step and not resumed_without_training:
-        save_checkpoint(trainer, config, config.run.out, checkpoint_extras)
+        save()
     if config.run.sample_tokens > 0 and corpus.tokenized_bytes:
         _log_sample(config, trainer)
     return {"final_val_loss": final_val, "step": trainer.step}
 
 
-def _train_loop(trainer, config: RunConfig, rank: int, checkpoint_extras: dict) -> int | None:
-    """Train until `train.steps`, saving every `run.save_interval` steps; return the step of the
-    last checkpoint saved, or None."""
+def _tokenizer_record(corpus, start_ckpt) -> tuple[dict, dict]:
+    """Return the metadata and files that tell scripts/generate.py how to turn text into this
+    run's token ids and back: bytes, or GPT-2's tokenizer carried over from the start checkpoint."""
+    if corpus.tokenized_bytes:
+        return {"tokenizer": "bytes"}, {}
+    if start_ckpt is not None and start_ckpt.meta.get("tokenizer") == "gpt2-bpe":
+        files = {name: (start_ckpt.path / name).read_bytes() for name in (VOCAB, MERGES)}
+        return {"tokenizer": "gpt2-bpe"}, files
+    return {"tokenizer": None}, {}
+
+
+def _train_loop(trainer, config: RunConfig, rank: int, save) -> int | None:
+    """Train until `train.steps`, calling `save` every `run.save_interval` steps; return the step
+    of the last checkpoint saved, or None."""
     saved_step = None
     tokens_per_step = config.train.global_batch * config.seq_len
     bar = ProgressBar(config.train.steps, enabled=rank == 0 and config.run.progress)
@@ -250,7 +266,7 @@ def _train_loop(trainer, config: RunConfig, rank: int, checkpoint_extras: dict) 
                     json_log.flush()
             save_interval = config.run.save_interval
             if config.run.out and save_interval > 0 and trainer.step % save_interval == 0:
-                save_checkpoint(trainer, config, config.run.out, checkpoint_extras)
+                save()
                 saved_step = trainer.step
     finally:
         bar.close()

@@ -13,7 +13,6 @@ than the rounding differences between layouts (about 1e-6 relative in float32).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,8 +26,6 @@ from parallel import comm
 from parallel.mesh import Layout, Mesh
 from parallel.pipeline.schedules import contiguous_placement
 from training import state
-
-log = logging.getLogger("microtron")
 
 
 @dataclass(frozen=True)
@@ -185,25 +182,25 @@ def check_prompt(prompt: list[int], config: GPTConfig) -> None:
 @torch.no_grad()
 def generate(decoder: Decoder, prompt: list[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids, the same on every rank.
+    """Yield `max_new_tokens` new token ids, the same on every rank.
 
-    Stops early when the context is full: a token at position n_positions would have no
-    position embedding.
+    Once prompt and output fill the context of n_positions tokens, each further token is
+    predicted from the last n_positions tokens (a sliding window), recomputed without the cache.
     """
     config = decoder.config
     check_prompt(prompt, config)
     generator = torch.Generator().manual_seed(sampling.seed)
     cache = KVCache(config.n_positions)
+    ids = list(prompt)
     inputs, position = list(prompt), 0
-    for count in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         if position + len(inputs) > config.n_positions:
-            if decoder.mesh.rank == 0:
-                log.info("generation stopped after %d new tokens: the context of n_positions=%d "
-                         "is full", count, config.n_positions)
-            return
+            cache = KVCache(config.n_positions)
+            inputs, position = ids[-config.n_positions:], 0
         logits = decoder.next_logits(inputs, position, cache)
         token = sample_next(logits, sampling, generator) if logits is not None else None
         token = decoder.share_token(token)
+        ids.append(token)
         yield token
         position += len(inputs)
         inputs = [token]

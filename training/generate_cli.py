@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="The ", help="text to continue (default: 'The '); "
                         "with --tokenizer ids, token ids separated by spaces")
     parser.add_argument("--max-new-tokens", type=int, default=200,
-                        help="number of tokens to generate; fewer when the context fills up")
+                        help="number of tokens to generate (default 200); past the model's context "
+                             "each token sees only the last n_positions tokens")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="divides the logits before sampling; 0 picks the most likely token")
     parser.add_argument("--greedy", action="store_true", help="pick the most likely token (temperature 0)")

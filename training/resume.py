@@ -50,11 +50,13 @@ def checkpoint_meta(config: RunConfig, step: int) -> dict:
     }
 
 
-def save_checkpoint(trainer, config: RunConfig, folder: str | Path, extras: dict | None = None) -> Path:
+def save_checkpoint(trainer, config: RunConfig, folder: str | Path, extras: dict | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Gather the trainer's full state and write it as the checkpoint of its current step.
 
-    `extras` adds keys to the metadata, such as the tokenizer. Collective: every rank must call
-    it. Returns the checkpoint's path on every rank, once it is complete on disk.
+    `extras` adds keys to the metadata and `extra_files` adds files (such as a tokenizer's).
+    Collective: every rank must call it. Returns the checkpoint's path on every rank, once it
+    is complete on disk.
     """
     model = trainer.gather_model()
     optimizer = trainer.gather_optimizer()
@@ -64,7 +66,7 @@ def save_checkpoint(trainer, config: RunConfig, folder: str | Path, extras: dict
     if trainer.mesh.rank == 0:
         path = checkpoint.save(folder, trainer.step, model, optimizer, rng,
                                {**checkpoint_meta(config, trainer.step), **(extras or {})},
-                               keep=config.run.keep)
+                               keep=config.run.keep, extra_files=extra_files)
         log.info("saved checkpoint %s", path)
     if trainer.mesh.layout.world_size > 1:
         shared = [str(path) if path is not None else None]
