@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from training import checkpoint
+from training import checkpoint, state
 from training.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,6 +83,25 @@ def test_saving_same_step_replaces_it(tmp_path):
     loaded = checkpoint.load(tmp_path)
     assert torch.equal(loaded.model["transformer.wte.weight"], model["transformer.wte.weight"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _draws() -> tuple:
+    random.gauss(0.0, 1.0)  # leaves a cached Gaussian behind, part of the state
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random(),
+            random.gauss(0.0, 1.0))
+
+
+def test_rng_states_round_trip(tmp_path):
+    random.gauss(0.0, 1.0)
+    saved = state.capture_rng_states(torch.device("cpu"))
+    checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, rng={f"rank0.{k}": v for k, v in saved.items()},
+                    meta={"model": {}})
+    expected = _draws()
+
+    loaded = checkpoint.load(tmp_path).rng
+    state.restore_rng_states(state.rank_rng_states(loaded, 0), torch.device("cpu"))
+    assert _draws() == expected
+    assert state.rank_rng_states(loaded, 1) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from model.config import GPTConfig
 from parallel.launch import RankFailure, describe_self, init_from_torchrun, run_ranks, set_label, under_torchrun
 from parallel.mesh import Mesh
-from model.config import GPTConfig
 from training import checkpoint
 from training.bpe import MERGES, VOCAB
 from training.checkpoint import ARCHITECTURE_FIELDS, CheckpointError
