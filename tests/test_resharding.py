@@ -18,6 +18,8 @@ from training.resume import resume, save_checkpoint
 
 SAVED_LAYOUT = (2, 2, 1)
 OTHER_LAYOUTS = [(1, 1, 1), (4, 1, 1), (1, 4, 1), (1, 2, 2)]
+# The layouts differ in micro-batches too; one of them also runs another schedule.
+SCHEDULES = {(1, 4, 1): "gpipe"}
 
 
 def _overrides(tp, pp, dp, **extra):
@@ -93,14 +95,16 @@ def test_checkpoint_moves_between_layouts(tmp_path):
     for layout in OTHER_LAYOUTS:
         name = "tp{}-pp{}-dp{}".format(*layout)
         copy = tmp_path / name
-        results = run_job(_load_save_step_job, Layout(*layout), _overrides(*layout), str(saved),
-                          str(copy))
+        overrides = _overrides(*layout, **{"layout.schedule": SCHEDULES.get(layout, "1f1b")})
+        results = run_job(_load_save_step_job, Layout(*layout), overrides, str(saved), str(copy))
         torch.testing.assert_close(_last_stage_logits(results), expected_logits, rtol=1e-10,
                                    atol=1e-12, msg=lambda m, n=name: f"logits under {n}: {m}")
         for rank, result in enumerate(results):
             assert result["next_loss"] == pytest.approx(expected_loss, rel=1e-10), f"{name} rank {rank}"
             assert result["step"] == 3
         reloaded = checkpoint.load(copy)
+        saved_from = reloaded.meta["layout"]
+        assert (saved_from["tp"], saved_from["pp"], saved_from["dp"]) == layout
         _assert_same_tensors(reloaded.model, original.model, f"model saved under {name}")
         _assert_same_tensors(reloaded.optimizer, original.optimizer, f"optimizer saved under {name}")
         copies.append(copy)
