@@ -14,19 +14,21 @@ by the global parameter names of the single-process model, so it loads into any 
 
 Saving writes the folder under a temporary name, fsyncs it and renames it into place. Then it
 rewrites the `latest` file, also by rename. A crash at any point therefore leaves the previous
-checkpoint intact and a `latest` that names a complete checkpoint. Loading checks the format version, each
-file's size and digest, and the tensor types, and unpickles with `weights_only=True`, which
-cannot run code. Errors name the file and what is wrong with it.
+checkpoint intact and a `latest` that names a complete checkpoint (the one exception, a save
+that replaces a checkpoint of the same step, is marked in `_move_into_place`). Loading checks
+the format version, each file's size and digest, and the tensor types, and unpickles with
+`weights_only=True`, which admits only tensors and plain containers and so runs no code from
+the file. Errors name the file and what is wrong with it.
 
-Why not torch.distributed.checkpoint (DCP), as of torch 2.13: DCP reshards when every rank's
-piece of a tensor is one box (offsets and lengths) of the global tensor, described by a DTensor
-placement. Here a rank's slice of a fused QKV weight is three boxes (the Q, K and V rows of its
-heads); the last TP rank's vocabulary slice carries zero padding rows that are not part of the
-global tensor; and the tied embedding exists twice on different pipeline ranks. Each of these
-would need a view rebuilt around it before saving and undone after loading. More decisively,
-DCP's FileSystemReader reads its `.metadata` file with `pickle.load`, which runs whatever code
-the file names, and loading must never do that. So global rank 0 gathers full tensors and writes
-them alone (see `training/state.py` for the gather).
+Why not torch.distributed.checkpoint (DCP), as of torch 2.13: DCP reshards tensors described as
+DTensors (or the deprecated ShardedTensor), whose pieces are boxes (offsets and lengths) of the
+global tensor. Here a rank's slice of a fused QKV weight is three separate boxes (the Q, K and V
+rows of its heads); the last TP rank's vocabulary slice carries zero padding rows that are not
+part of the global tensor; and the tied embedding has copies on two pipeline ranks. Each of
+these would need a wrapper built before saving and undone after loading. More decisively, DCP's
+FileSystemReader reads its `.metadata` file with `pickle.load`, which runs whatever code the file
+names, and loading must never do that. So global rank 0 gathers full tensors and writes them
+alone (see `training/state.py` for the gather).
 NOTE: that design holds the whole model and its AdamW state in rank 0's CPU memory while
 saving, and every rank maps the full files when loading, so the full state must fit in the
 memory of one host.
