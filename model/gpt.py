@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
+from model.kv_cache import KVCache
 from parallel import comm
 from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.dropout import GlobalSlice, dropout_key, hashed_dropout
@@ -42,6 +43,7 @@ class ForwardContext:
     loss_scale: float = 1.0  # the loss is sum(token losses) * loss_scale
     position_offset: int = 0  # position of the first input token (non-zero with a KV cache)
     training: bool = True
+    kv_cache: KVCache | None = None  # keys and values of earlier positions, for generation
 
 
 class Attention(nn.Module):
@@ -71,7 +73,9 @@ class Attention(nn.Module):
         v = v.view(b, s, nh, hd).transpose(1, 2)
 
         p = self.config.dropout if ctx.training else 0.0
-        if p == 0.0:
+        if ctx.kv_cache is not None:
+            y = ctx.kv_cache.attend(self.layer, q, k, v, ctx.position_offset)
+        elif p == 0.0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = self._attention_with_dropout(q, k, v, p, ctx)

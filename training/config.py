@@ -67,7 +67,10 @@ class DataConfig:
 class RunOptions:
     out: str | None = "runs/latest"  # checkpoint folder; null saves nothing
     log_json: str | None = None  # one JSON object per step is appended here
-    resume: bool = False
+    resume: bool | str = False  # true: the latest checkpoint in `out`; or a checkpoint path
+    init_from: str | None = None  # checkpoint whose weights start the run (at step 0)
+    save_interval: int = 0  # steps between checkpoints; 0 saves only at the end
+    keep: int = 0  # checkpoints kept in `out`, newest first; 0 keeps all
     device: str = "auto"  # auto, cpu or cuda
     threads_per_rank: int = 1
     timeout_s: float = 300.0  # a collective that waits longer fails the job
@@ -217,9 +220,28 @@ def validate(config: RunConfig) -> None:
         problems.append(f"run.device={config.run.device!r} must be auto, cpu or cuda")
     if config.run.threads_per_rank < 1:
         problems.append(f"run.threads_per_rank={config.run.threads_per_rank} must be at least 1")
+    problems += _checkpoint_problems(config.run)
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _checkpoint_problems(run: RunOptions) -> list[str]:
+    problems = []
+    for name in ("save_interval", "keep"):
+        if not isinstance(getattr(run, name), int) or getattr(run, name) < 0:
+            problems.append(f"run.{name}={getattr(run, name)!r} must be a whole number, 0 or more")
+    if not isinstance(run.resume, (bool, str)):
+        problems.append(f"run.resume={run.resume!r} must be true, false or a checkpoint path")
+    if run.resume is True and not run.out:
+        problems.append("run.resume=true resumes from the latest checkpoint in run.out, but run.out "
+                        "is not set; set run.out or pass the checkpoint path to --resume")
+    if run.resume not in (False, "") and run.init_from:
+        problems.append(f"run.resume={run.resume!r} and run.init_from={run.init_from!r} both set: "
+                        f"resume continues a run, init_from starts a new one; choose one")
+    if (run.save_interval > 0 or run.keep > 0) and not run.out:
+        problems.append("run.save_interval and run.keep need run.out, the folder to save into")
+    return problems
 
 
 def _divisors(n: int) -> list[int]:
