@@ -35,8 +35,8 @@ class LayoutConfig:
     micro_batches: int = 1  # per dp replica and step
     virtual_stages: int = 1  # stages per pipeline rank (interleaved and V-shaped schedules)
     layers_per_stage: list[int] | None = None  # None splits the layers as evenly as possible
-    # The most micro-batch activations one rank may stash at once (from a forward until its
-    # backward); a schedule that stashes more is rejected. None sets no bound.
+    # Maximum number of micro-batch activations one rank may stash at once, each counted from a
+    # forward until its B or I. A schedule that stashes more is rejected. None sets no bound.
     max_stash: int | None = None
 
     @property

@@ -246,4 +246,6 @@ class PipelineRuntime:
 
     def _tag(self, direction: str, sender_stage: int, mb: int) -> int:
         """A tag unique to one transfer within a step, so receives may be posted in any order."""
+        # NOTE: NCCL ignores tags and matches the sends and receives between two ranks in the
+        # order they are posted; neither the communication pass nor the verifier orders them so.
         return (2 * sender_stage + (direction == "B")) * self._schedule.num_microbatches + mb
