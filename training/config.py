@@ -16,8 +16,8 @@ import yaml
 
 from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
 from parallel.mesh import Layout
-from parallel.pipeline.schedules import ScheduleError
-from parallel.pipeline.sources import prepare_schedule
+from parallel.pipeline.schedules import SCHEDULES, ScheduleError
+from parallel.pipeline.sources import is_user_schedule, prepare_schedule
 
 
 class ConfigError(ValueError):
@@ -191,12 +191,16 @@ def validate(config: RunConfig) -> None:
             f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
         )
     num_stages = lay.pp * lay.virtual_stages
-    try:
-        schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.virtual_stages,
-                                    lay.max_stash)
-        num_stages = schedule.num_stages
-    except ScheduleError as error:
-        problems.append(f"layout.schedule={lay.schedule!r}: {error}")
+    if lay.schedule not in SCHEDULES and not is_user_schedule(lay.schedule):
+        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}, "
+                        f"a .yaml or .csv table of actions, or package.module:function")
+    else:
+        try:
+            schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches,
+                                        lay.virtual_stages, lay.max_stash)
+            num_stages = schedule.num_stages
+        except ScheduleError as error:
+            problems.append(f"layout.schedule={lay.schedule!r}: {error}")
     if lay.layers_per_stage is not None:
         if len(lay.layers_per_stage) != num_stages or sum(lay.layers_per_stage) != m.n_layer:
             problems.append(
@@ -204,8 +208,10 @@ def validate(config: RunConfig) -> None:
                 f"(one per stage of the schedule) that add up to n_layer={m.n_layer}"
             )
     elif num_stages > m.n_layer:
+        count_of_stages = ("pp * virtual_stages = " if num_stages == lay.pp * lay.virtual_stages
+                           else "the schedule's stage count: ")
         problems.append(
-            f"the schedule has {num_stages} stages, more than n_layer={m.n_layer}: every stage "
+            f"{count_of_stages}{num_stages} stages is more than n_layer={m.n_layer}: every stage "
             f"needs at least one layer; use pp <= {m.n_layer // max(1, num_stages // lay.pp)} or "
             f"fewer virtual stages"
         )
