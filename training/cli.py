@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, help="pipeline-parallel size (number of pipeline ranks)")
     parser.add_argument("--dp", type=int, help="data-parallel size")
     parser.add_argument("--micro-batches", type=int, help="micro-batches per step and dp replica")
-    parser.add_argument("--schedule", help="pipeline schedule: 1f1b or gpipe")
+    parser.add_argument("--schedule", help="pipeline schedule: gpipe, 1f1b, interleaved-1f1b, "
+                                           "zb-h1, zb-h2, zb-v or dualpipev; a .yaml or .csv table "
+                                           "of actions per rank; or package.module:function")
     parser.add_argument("--virtual-stages", type=int, help="pipeline stages per pipeline rank")
     parser.add_argument("--global-batch", type=int, help="sequences per optimizer step")
     parser.add_argument("--steps", type=int, help="optimizer steps to train")

@@ -16,7 +16,8 @@ import yaml
 
 from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
 from parallel.mesh import Layout
-from parallel.pipeline.schedules import SCHEDULES
+from parallel.pipeline.schedules import SCHEDULES, ScheduleError
+from parallel.pipeline.sources import is_user_schedule, prepare_schedule
 
 
 class ConfigError(ValueError):
@@ -28,10 +29,15 @@ class LayoutConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # A schedule of the zoo (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, dualpipev), a
+    # .yaml or .csv table of actions per rank, or "package.module:function".
     schedule: str = "1f1b"
     micro_batches: int = 1  # per dp replica and step
     virtual_stages: int = 1  # stages per pipeline rank (interleaved and V-shaped schedules)
     layers_per_stage: list[int] | None = None  # None splits the layers as evenly as possible
+    # Maximum number of micro-batch activations one rank may stash at once, each counted from a
+    # forward until its B or I. A schedule that stashes more is rejected. None sets no bound.
+    max_stash: int | None = None
 
     @property
     def mesh(self) -> Layout:
@@ -172,6 +178,8 @@ def validate(config: RunConfig) -> None:
     for name in ("tp", "pp", "dp", "micro_batches", "virtual_stages"):
         if getattr(lay, name) < 1:
             problems.append(f"layout.{name}={getattr(lay, name)} must be at least 1")
+    if lay.max_stash is not None and lay.max_stash < 1:
+        problems.append(f"layout.max_stash={lay.max_stash} must be at least 1, or null for no bound")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -185,20 +193,30 @@ def validate(config: RunConfig) -> None:
             f"the MLP size {m.ffn_size} is not divisible by tp={lay.tp}: TP splits the MLP's "
             f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
         )
-    if lay.schedule not in SCHEDULES:
-        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}")
-
     num_stages = lay.pp * lay.virtual_stages
+    if lay.schedule not in SCHEDULES and not is_user_schedule(lay.schedule):
+        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}, "
+                        f"a .yaml or .csv table of actions, or package.module:function")
+    else:
+        try:
+            schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches,
+                                        lay.virtual_stages, lay.max_stash)
+            num_stages = schedule.num_stages
+        except ScheduleError as error:
+            problems.append(f"layout.schedule={lay.schedule!r}: {error}")
     if lay.layers_per_stage is not None:
         if len(lay.layers_per_stage) != num_stages or sum(lay.layers_per_stage) != m.n_layer:
             problems.append(
                 f"layers_per_stage={lay.layers_per_stage} must list {num_stages} stage sizes "
-                f"(pp * virtual_stages) that add up to n_layer={m.n_layer}"
+                f"(one per stage of the schedule) that add up to n_layer={m.n_layer}"
             )
     elif num_stages > m.n_layer:
+        count_of_stages = ("pp * virtual_stages = " if num_stages == lay.pp * lay.virtual_stages
+                           else "the schedule's stage count: ")
         problems.append(
-            f"pp * virtual_stages = {num_stages} stages is more than n_layer={m.n_layer}: every "
-            f"stage needs at least one layer; use pp <= {m.n_layer // lay.virtual_stages}"
+            f"{count_of_stages}{num_stages} stages is more than n_layer={m.n_layer}: every stage "
+            f"needs at least one layer; use pp <= {m.n_layer // max(1, num_stages // lay.pp)} or "
+            f"fewer virtual stages"
         )
 
     replicas_times_mb = lay.micro_batches * lay.dp
