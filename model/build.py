@@ -17,7 +17,7 @@ import torch.nn as nn
 from model.config import GPTConfig
 from model.gpt import GPTChunk
 from parallel.layers import full_shape, shard
-from parallel.mesh import Group
+from parallel.mesh import Group, Layout, Mesh
 
 
 def partition_layers(n_layer: int, num_stages: int,
@@ -102,3 +102,10 @@ def initialize(chunks: dict[int, nn.Module], config: GPTConfig, seed: int, tp_gr
         full = full_init(name, full_shape(param, tp_group.size), config, seed)
         spec = getattr(param, "tp_shard", None)
         param.copy_(shard(full, spec, tp_group.rank, tp_group.size))
+
+
+def full_parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Return {global name: full shape} of every parameter of the single-process model."""
+    tp_group = Mesh(Layout(), 0).tp
+    chunks = build_chunks(config, tp_group, [0], partition_layers(config.n_layer, 1), device="meta")
+    return {name: tuple(param.shape) for name, param in named_parameters(chunks)}

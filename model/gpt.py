@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.config import GPTConfig
+from model.kv_cache import KVCache
 from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.dropout import GlobalSlice, dropout_key, hashed_dropout
 from parallel.layers import (
@@ -58,6 +59,7 @@ class ForwardContext:
     loss_scale: float = 1.0  # the loss is sum(token losses) * loss_scale
     position_offset: int = 0  # position of the first input token (non-zero with a KV cache)
     training: bool = True
+    kv_cache: KVCache | None = None  # keys and values of earlier positions, for generation
 
 
 class SequenceShard:
@@ -114,7 +116,9 @@ class Attention(nn.Module):
         k = k.view(b, s, nh, hd).transpose(1, 2)
         v = v.view(b, s, nh, hd).transpose(1, 2)
 
-        if self.recompute_core and torch.is_grad_enabled():
+        if ctx.kv_cache is not None:
+            y = ctx.kv_cache.attend(self.layer, q, k, v, ctx.position_offset)
+        elif self.recompute_core and torch.is_grad_enabled():
             # The dropout mask is a hash of indices, so recomputing needs no saved random state.
             y = checkpoint(self._core, q, k, v, ctx, use_reentrant=True, preserve_rng_state=False)
         else:

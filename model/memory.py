@@ -1,5 +1,15 @@
 """Analytic memory of one rank: parameters, gradients, optimizer state and activations.
 
+Three activation counts live here:
+  `korthikanti_layer_bytes`: the published per-layer counts with their TP, sequence-parallel and
+      recomputation variants (16-bit activations).
+  `activation_bytes_per_layer` and `weight_grad_bytes_per_layer`: the pipeline simulator's
+      estimate, the published count at a chosen byte width, and what a split backward keeps from
+      its I action until its W action.
+  `layer_activation_bytes` and `stage_activation_bytes`: the count derived below for this
+      implementation, which `training.memory_report` and benchmarks/memory.md check against
+      measured bytes.
+
 Activations are the tensors that autograd saves for the backward pass. Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198) count them
 per transformer layer, assuming 16-bit activations, 1-byte dropout masks and attention that
@@ -67,6 +77,68 @@ INT64 = 8
 BOOL = 1
 
 
+def korthikanti_layer_bytes(config: GPTConfig, b: int, s: int, t: int = 1, sequence_parallel: bool = False,
+                            recompute: str = "none") -> float:
+    """Return the published activation bytes of one layer (16-bit, 1-byte masks, see module doc)."""
+    h, a = config.n_embd, config.n_head
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh
+    attention_scores = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sequence_parallel:
+        return sbh * (34 + attention_scores) / t
+    return sbh * (10 + 24 / t + attention_scores / t)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline simulator's estimate
+
+
+def activation_bytes_per_layer(config: GPTConfig, micro_batch: int, seq_len: int, tp: int = 1,
+                               dtype_bytes: int = 4) -> int:
+    """Return the bytes one layer keeps from its forward until its backward, per micro-batch.
+
+    This is the published count for activations of `dtype_bytes` bytes and 1-byte dropout masks.
+    In elements, with f = 4h: not split by TP, the inputs of both LayerNorms and of the QKV and
+    MLP projections, 4sbh; split by TP, Q and K 2sbh, V sbh, the attention output projection's
+    input sbh, the GELU input 4sbh and the second MLP projection's input 4sbh, 12sbh / t in all;
+    the attention scores, the softmax output a s^2 b / t. With dropout, add the 1-byte masks of
+    the two residual dropouts (2sbh) and of the attention dropout (a s^2 b / t), and the
+    attention dropout's output (a s^2 b / t elements). For 2-byte activations with dropout this
+    is s b h (10 + 24/t + 5as/(ht)).
+
+    NOTE: an estimate from the published formula, not this implementation's count, which
+    `stage_activation_bytes` gives. Here the flash kernel keeps no s^2 scores without dropout and
+    no dropout mask is stored, and this estimate leaves out the embeddings and the loss.
+    """
+    s, b, h, a = seq_len, micro_batch, config.n_embd, config.n_head
+    ffn_factor = config.ffn_size / h  # 4 for GPT-2
+    hidden = (4 + (4 + 2 * ffn_factor) / tp) * s * b * h * dtype_bytes
+    scores = a * s * s * b / tp * dtype_bytes
+    if config.dropout > 0:
+        hidden += 2 * s * b * h  # residual dropout masks
+        scores += a * s * s * b / tp * (dtype_bytes + 1)  # attention dropout output and mask
+    return int(hidden + scores)
+
+
+def weight_grad_bytes_per_layer(config: GPTConfig, micro_batch: int, seq_len: int, tp: int = 1,
+                                dtype_bytes: int = 4) -> int:
+    """Return the bytes one layer keeps from its input backward (I) until its weight backward
+    (W): the input and the output gradient of each of its four linear layers, per micro-batch.
+
+    Per token, in elements: QKV h + 3h/t, attention output projection h/t + h, first MLP
+    projection h + f/t, second f/t + h, with f the MLP size. For 2-byte values, f = 4h and t = 1
+    this is the 32sbh of Qi et al. 2024, Table 1.
+    """
+    s, b, h, f = seq_len, micro_batch, config.n_embd, config.ffn_size
+    per_token = 4 * h + (3 * h + h + 2 * f) / tp
+    return int(per_token * s * b * dtype_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The count derived for this implementation
+
+
 @dataclass(frozen=True)
 class ActivationSetting:
     """The settings besides the model config that activation memory depends on."""
@@ -92,19 +164,6 @@ class ActivationSetting:
     @property
     def sequence_split(self) -> int:
         return self.tp if self.sequence_parallel and self.tp > 1 else 1
-
-
-def korthikanti_layer_bytes(config: GPTConfig, b: int, s: int, t: int = 1, sequence_parallel: bool = False,
-                            recompute: str = "none") -> float:
-    """Return the published activation bytes of one layer (16-bit, 1-byte masks, see module doc)."""
-    h, a = config.n_embd, config.n_head
-    sbh = s * b * h
-    if recompute == "full":
-        return 2 * sbh
-    attention_scores = 0.0 if recompute == "selective" else 5 * a * s / h
-    if sequence_parallel:
-        return sbh * (34 + attention_scores) / t
-    return sbh * (10 + 24 / t + attention_scores / t)
 
 
 def attention_core_bytes(config: GPTConfig, setting: ActivationSetting) -> int:

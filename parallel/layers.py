@@ -190,7 +190,6 @@ def _weight_grads(grad_out: torch.Tensor, x: torch.Tensor, has_bias: bool):
     return grad_weight, grad_bias
 
 
-@torch.no_grad()  # run_deferred may run outside backward, where x still requires grad
 def _accumulate_weight_grads(grad_out, x, weight, bias) -> None:
     grad_weight, grad_bias = _weight_grads(grad_out, x, bias is not None)
     weight_grad.accumulate_grad(weight, grad_weight)

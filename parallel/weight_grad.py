@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+import torch
+
 _queue: list[Callable[[], None]] | None = None
 
 
@@ -35,9 +37,14 @@ def active_queue() -> list[Callable[[], None]] | None:
 
 
 def run_deferred(queue: list[Callable[[], None]]) -> None:
-    """Run and clear the queued weight-gradient computations, oldest first."""
-    for compute in queue:
-        compute()
+    """Run and clear the queued weight-gradient computations, oldest first.
+
+    They run without autograd recording: their inputs are saved activations that require grad,
+    and a recorded result could not be added in place into a parameter's gradient.
+    """
+    with torch.no_grad():
+        for compute in queue:
+            compute()
     queue.clear()
 
 

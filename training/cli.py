@@ -9,6 +9,7 @@ starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -18,12 +19,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from model.config import GPTConfig
 from parallel.launch import RankFailure, describe_self, init_from_torchrun, run_ranks, set_label, under_torchrun
 from parallel.mesh import Mesh
 from training import checkpoint
+from training.bpe import MERGES, VOCAB
+from training.checkpoint import ARCHITECTURE_FIELDS, CheckpointError
 from training.config import ConfigError, RunConfig, default_config_path, load_run_config, validate
 from training.data import ByteTokenizer, TokenBatches, load_corpus, unigram_entropy
 from training.progress import ProgressBar, configure_logging
+from training.resume import init_from, resume, save_checkpoint, start_checkpoint
 
 log = logging.getLogger("microtron")
 
@@ -35,6 +40,7 @@ _FLAG_KEYS = {
     "steps": "train.steps", "seed": "train.seed", "global_batch": "train.global_batch",
     "dropout": "model.dropout", "data": "data.path", "out": "run.out", "log_json": "run.log_json",
     "device": "run.device", "threads_per_rank": "run.threads_per_rank",
+    "init_from": "run.init_from", "save_interval": "run.save_interval", "keep": "run.keep",
     "sequence_parallel": "layout.sequence_parallel", "recompute": "train.recompute",
     "recompute_layers": "train.recompute_layers", "mixed_precision": "train.mixed_precision",
     "distributed_optimizer": "train.distributed_optimizer", "memory_report": "run.memory_report",
@@ -52,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, help="pipeline-parallel size (number of pipeline ranks)")
     parser.add_argument("--dp", type=int, help="data-parallel size")
     parser.add_argument("--micro-batches", type=int, help="micro-batches per step and dp replica")
-    parser.add_argument("--schedule", help="pipeline schedule: 1f1b or gpipe")
+    parser.add_argument("--schedule", help="pipeline schedule: gpipe, 1f1b, interleaved-1f1b, "
+                                           "zb-h1, zb-h2, zb-v or dualpipev; a .yaml or .csv table "
+                                           "of actions per rank; or package.module:function")
     parser.add_argument("--virtual-stages", type=int, help="pipeline stages per pipeline rank")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="split LayerNorm and dropout activations along the sequence over the "
@@ -74,7 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", help="text file, folder of text files, or .bin file of uint16 "
                                        "token ids (default: the Python docs in pydoc_data)")
     parser.add_argument("--out", help="folder for checkpoints (default: runs/latest)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                        help="continue a run from a checkpoint, in any layout: without a value the "
+                             "latest one in --out, else a checkpoint folder or a run folder")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="start a new run (step 0, fresh optimizer) from a checkpoint's "
+                             "weights, such as one imported by scripts/convert.py")
+    parser.add_argument("--save-interval", type=int,
+                        help="save a checkpoint every this many steps (default 0: only at the end)")
+    parser.add_argument("--keep", type=int,
+                        help="keep only the newest N checkpoints in --out (default 0: keep all)")
     parser.add_argument("--log-json", help="append one JSON object per step to this file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the ranks")
     parser.add_argument("--threads-per-rank", type=int, help="torch threads in each rank (default 1)")
@@ -98,11 +115,36 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if not sep:
             raise ConfigError(f"--set {item!r} must have the form KEY=VALUE, such as train.lr=3e-4")
         overrides[key.strip()] = yaml.safe_load(text)
-    if args.resume:
-        overrides["run.resume"] = True
+    if args.resume is not None:
+        overrides["run.resume"] = args.resume
     config = load_run_config(args.config or default_config_path(), overrides)
+    start = start_checkpoint(config)
+    if start is not None:
+        # Checked here, before any rank starts: a damaged checkpoint fails the command at once.
+        meta = checkpoint.verify(start[1])
+        config.model = _model_from_checkpoint(meta, overrides, start[1])
+        log.info("model config from the checkpoint %s", checkpoint.resolve(start[1]))
     validate(config)
     return config
+
+
+def _model_from_checkpoint(meta: dict, overrides: dict, path) -> GPTConfig:
+    """Return the checkpoint's model config with the model overrides of the command line,
+    which may change dropout but nothing that the weights depend on."""
+    values = dict(meta["model"])
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section != "model":
+            continue
+        if name in ARCHITECTURE_FIELDS and value != values.get(name):
+            raise ConfigError(f"--set {key}={value!r} contradicts the checkpoint {path}, whose "
+                              f"model has {name}={values.get(name)!r}; a run that starts from a "
+                              f"checkpoint takes its model config from it")
+        values[name] = value
+    try:
+        return GPTConfig.from_dict(values)
+    except ValueError as error:
+        raise ConfigError(f"model config of {path}: {error}") from None
 
 
 def main(argv=None) -> int:
@@ -112,7 +154,7 @@ def main(argv=None) -> int:
         config = build_config(args)
         corpus = load_corpus(config.data.path)
         _check_corpus(config, corpus.tokens)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -184,33 +226,45 @@ def train_worker(rank: int, world_size: int, config_dict: dict) -> dict:
     trainer = Trainer(config, mesh, corpus.tokens, device=device)
     if rank == 0:
         _log_start(config, trainer, corpus)
-    if config.run.resume:
-        _resume(trainer, config)
+    start = start_checkpoint(config)
+    start_ckpt = None
+    if start is not None:
+        kind, path = start
+        start_ckpt = (resume if kind == "resume" else init_from)(trainer, config, path)
+    first_step = trainer.step
 
-    _train_loop(trainer, config, rank)
-    final_val = trainer.evaluate() if config.train.steps > 0 else None
-
-    model_state = trainer.gather_model()
-    optimizer_state = trainer.gather_optimizer()
-    if rank == 0:
-        if final_val is not None:
-            log.info("final validation loss %.4f (unigram entropy of the corpus: %.4f)", final_val,
-                     unigram_entropy(corpus.tokens))
-        if config.run.out:
-            path = checkpoint.save(config.run.out, trainer.step, model_state, optimizer_state, {
-                "model": config.model.to_dict(),
-                "layout": {"tp": mesh.layout.tp, "pp": mesh.layout.pp, "dp": mesh.layout.dp,
-                           "schedule": config.layout.schedule,
-                           "virtual_stages": config.layout.virtual_stages},
-                "run_config": config.to_dict(),
-            })
-            log.info("saved checkpoint %s", path)
-        if config.run.sample_tokens > 0 and corpus.tokenized_bytes:
-            _print_sample(config, model_state)
+    tokenizer_meta, tokenizer_files = _tokenizer_record(corpus, start_ckpt)
+    save = functools.partial(save_checkpoint, trainer, config, config.run.out, tokenizer_meta,
+                             tokenizer_files)
+    saved_step = _train_loop(trainer, config, rank, save)
+    ran = trainer.step > first_step
+    final_val = trainer.evaluate() if ran else None
+    if rank == 0 and final_val is not None:
+        log.info("final validation loss %.4f (unigram entropy of the corpus: %.4f)", final_val,
+                 unigram_entropy(corpus.tokens))
+    resumed_without_training = start is not None and start[0] == "resume" and not ran
+    if config.run.out and saved_step != trainer.step and not resumed_without_training:
+        save()
+    if config.run.sample_tokens > 0 and corpus.tokenized_bytes:
+        _log_sample(config, trainer)
     return {"final_val_loss": final_val, "step": trainer.step}
 
 
-def _train_loop(trainer, config: RunConfig, rank: int) -> None:
+def _tokenizer_record(corpus, start_ckpt) -> tuple[dict, dict]:
+    """Return the metadata and files that tell scripts/generate.py how to turn text into this
+    run's token ids and back: bytes, or GPT-2's tokenizer carried over from the start checkpoint."""
+    if corpus.tokenized_bytes:
+        return {"tokenizer": "bytes"}, {}
+    if start_ckpt is not None and start_ckpt.meta.get("tokenizer") == "gpt2-bpe":
+        files = {name: (start_ckpt.path / name).read_bytes() for name in (VOCAB, MERGES)}
+        return {"tokenizer": "gpt2-bpe"}, files
+    return {"tokenizer": None}, {}
+
+
+def _train_loop(trainer, config: RunConfig, rank: int, save) -> int | None:
+    """Train until `train.steps`, calling `save` every `run.save_interval` steps; return the step
+    of the last checkpoint saved, or None."""
+    saved_step = None
     tokens_per_step = config.train.global_batch * config.seq_len
     bar = ProgressBar(config.train.steps, enabled=rank == 0 and config.run.progress)
     json_log = open(config.run.log_json, "a") if rank == 0 and config.run.log_json else None
@@ -235,10 +289,15 @@ def _train_loop(trainer, config: RunConfig, rank: int) -> None:
                 if json_log:
                     json_log.write(json.dumps(record) + "\n")
                     json_log.flush()
+            save_interval = config.run.save_interval
+            if config.run.out and save_interval > 0 and trainer.step % save_interval == 0:
+                save()
+                saved_step = trainer.step
     finally:
         bar.close()
         if json_log:
             json_log.close()
+    return saved_step
 
 
 def _measured_step(trainer, config: RunConfig):
@@ -279,23 +338,17 @@ def _log_start(config: RunConfig, trainer, corpus) -> None:
              f"{len(trainer.batches.val_tokens):,}", unigram_entropy(corpus.tokens))
 
 
-def _resume(trainer, config: RunConfig) -> None:
-    model, optimizer, meta = checkpoint.load(config.run.out)
-    trainer.load_model(model)
-    trainer.load_optimizer(optimizer)
-    trainer.step = int(meta["step"])
-    if trainer.mesh.rank == 0:
-        log.info("resumed from %s at step %d", checkpoint.resolve(config.run.out), trainer.step)
+def _log_sample(config: RunConfig, trainer) -> None:
+    """Generate a sample with the trained chunks in this layout (every rank takes part)."""
+    from training.generate import Decoder, SamplingConfig, generate
 
-
-def _print_sample(config: RunConfig, model_state: dict) -> None:
-    from training.generate import generate, single_process_model
-
-    model = single_process_model(config.model, model_state)
+    decoder = Decoder.from_trainer(trainer)
     tokenizer = ByteTokenizer()
     prompt = [int(t) for t in tokenizer.encode(config.run.sample_prompt)]
-    new = list(generate(model, prompt, config.run.sample_tokens, seed=config.train.seed))
-    log.info("sample:\n%s", tokenizer.decode(prompt + new))
+    sampling = SamplingConfig(seed=config.train.seed)
+    new = list(generate(decoder, prompt, config.run.sample_tokens, sampling))
+    if trainer.mesh.rank == 0:
+        log.info("sample:\n%s", tokenizer.decode(prompt + new))
 
 
 def _flatten(config_dict: dict) -> dict:

@@ -17,7 +17,8 @@ import yaml
 from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
 from model.gpt import RECOMPUTE_MODES
 from parallel.mesh import Layout
-from parallel.pipeline.schedules import SCHEDULES
+from parallel.pipeline.schedules import SCHEDULES, ScheduleError
+from parallel.pipeline.sources import is_user_schedule, prepare_schedule
 
 
 class ConfigError(ValueError):
@@ -32,10 +33,15 @@ class LayoutConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # A schedule of the zoo (gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, dualpipev), a
+    # .yaml or .csv table of actions per rank, or "package.module:function".
     schedule: str = "1f1b"
     micro_batches: int = 1  # per dp replica and step
     virtual_stages: int = 1  # stages per pipeline rank (interleaved and V-shaped schedules)
     layers_per_stage: list[int] | None = None  # None splits the layers as evenly as possible
+    # Maximum number of micro-batch activations one rank may stash at once, each counted from a
+    # forward until its B or I. A schedule that stashes more is rejected. None sets no bound.
+    max_stash: int | None = None
     # Split the activations outside attention and the MLP along the sequence over the TP group.
     sequence_parallel: bool = False
 
@@ -80,7 +86,10 @@ class DataConfig:
 class RunOptions:
     out: str | None = "runs/latest"  # checkpoint folder; null saves nothing
     log_json: str | None = None  # one JSON object per step is appended here
-    resume: bool = False
+    resume: bool | str = False  # true: the latest checkpoint in `out`; or a checkpoint path
+    init_from: str | None = None  # checkpoint whose weights start the run (at step 0)
+    save_interval: int = 0  # steps between checkpoints; 0 saves only at the end
+    keep: int = 0  # checkpoints kept in `out`, newest first; 0 keeps all
     device: str = "auto"  # auto, cpu or cuda
     threads_per_rank: int = 1
     timeout_s: float = 300.0  # a collective that waits longer fails the job
@@ -183,6 +192,8 @@ def validate(config: RunConfig) -> None:
     for name in ("tp", "pp", "dp", "micro_batches", "virtual_stages"):
         if getattr(lay, name) < 1:
             problems.append(f"layout.{name}={getattr(lay, name)} must be at least 1")
+    if lay.max_stash is not None and lay.max_stash < 1:
+        problems.append(f"layout.max_stash={lay.max_stash} must be at least 1, or null for no bound")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -196,20 +207,30 @@ def validate(config: RunConfig) -> None:
             f"the MLP size {m.ffn_size} is not divisible by tp={lay.tp}: TP splits the MLP's "
             f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
         )
-    if lay.schedule not in SCHEDULES:
-        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}")
-
     num_stages = lay.pp * lay.virtual_stages
+    if lay.schedule not in SCHEDULES and not is_user_schedule(lay.schedule):
+        problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}, "
+                        f"a .yaml or .csv table of actions, or package.module:function")
+    else:
+        try:
+            schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches,
+                                        lay.virtual_stages, lay.max_stash)
+            num_stages = schedule.num_stages
+        except ScheduleError as error:
+            problems.append(f"layout.schedule={lay.schedule!r}: {error}")
     if lay.layers_per_stage is not None:
         if len(lay.layers_per_stage) != num_stages or sum(lay.layers_per_stage) != m.n_layer:
             problems.append(
                 f"layers_per_stage={lay.layers_per_stage} must list {num_stages} stage sizes "
-                f"(pp * virtual_stages) that add up to n_layer={m.n_layer}"
+                f"(one per stage of the schedule) that add up to n_layer={m.n_layer}"
             )
     elif num_stages > m.n_layer:
+        count_of_stages = ("pp * virtual_stages = " if num_stages == lay.pp * lay.virtual_stages
+                           else "the schedule's stage count: ")
         problems.append(
-            f"pp * virtual_stages = {num_stages} stages is more than n_layer={m.n_layer}: every "
-            f"stage needs at least one layer; use pp <= {m.n_layer // lay.virtual_stages}"
+            f"{count_of_stages}{num_stages} stages is more than n_layer={m.n_layer}: every stage "
+            f"needs at least one layer; use pp <= {m.n_layer // max(1, num_stages // lay.pp)} or "
+            f"fewer virtual stages"
         )
 
     replicas_times_mb = lay.micro_batches * lay.dp
@@ -232,6 +253,7 @@ def validate(config: RunConfig) -> None:
         problems.append(f"run.device={config.run.device!r} must be auto, cpu or cuda")
     if config.run.threads_per_rank < 1:
         problems.append(f"run.threads_per_rank={config.run.threads_per_rank} must be at least 1")
+    problems += _checkpoint_problems(config.run)
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -262,6 +284,24 @@ def _memory_problems(config: RunConfig) -> list[str]:
     elif tr.mixed_precision is not None and tr.dtype != "float32":
         problems.append(f"train.mixed_precision={tr.mixed_precision} needs float32 master weights, "
                         f"but train.dtype={tr.dtype}; set train.dtype=float32")
+    return problems
+
+
+def _checkpoint_problems(run: RunOptions) -> list[str]:
+    problems = []
+    for name in ("save_interval", "keep"):
+        if not isinstance(getattr(run, name), int) or getattr(run, name) < 0:
+            problems.append(f"run.{name}={getattr(run, name)!r} must be a whole number, 0 or more")
+    if not isinstance(run.resume, (bool, str)):
+        problems.append(f"run.resume={run.resume!r} must be true, false or a checkpoint path")
+    if run.resume is True and not run.out:
+        problems.append("run.resume=true resumes from the latest checkpoint in run.out, but run.out "
+                        "is not set; set run.out or pass the checkpoint path to --resume")
+    if run.resume not in (False, "") and run.init_from:
+        problems.append(f"run.resume={run.resume!r} and run.init_from={run.init_from!r} both set: "
+                        f"resume continues a run, init_from starts a new one; choose one")
+    if (run.save_interval > 0 or run.keep > 0) and not run.out:
+        problems.append("run.save_interval and run.keep need run.out, the folder to save into")
     return problems
 
 

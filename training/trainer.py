@@ -32,7 +32,8 @@ from parallel.layers import sum_sequence_parallel_grads
 from parallel.mesh import Mesh
 from parallel.pipeline.passes import add_communication
 from parallel.pipeline.runtime import PipelineRuntime
-from parallel.pipeline.schedules import build_schedule, forward_only
+from parallel.pipeline.schedules import forward_only
+from parallel.pipeline.sources import prepare_schedule
 from training import state
 from training.config import RunConfig
 from training.data import TokenBatches
@@ -61,11 +62,10 @@ class Trainer:
         self.dtype = DTYPES[config.train.dtype]
         layout = config.layout
 
-        compute_schedule = build_schedule(layout.schedule, layout.pp, layout.micro_batches,
-                                          layout.virtual_stages)
-        self.schedule = add_communication(compute_schedule)
+        self.schedule = prepare_schedule(layout.schedule, layout.pp, layout.micro_batches,
+                                         layout.virtual_stages, layout.max_stash)
         self.eval_schedule = add_communication(
-            forward_only(layout.pp, layout.micro_batches, compute_schedule.stage_ranks))
+            forward_only(layout.pp, layout.micro_batches, self.schedule.stage_ranks))
         self.stages = self.schedule.stages_of(mesh.pp_rank)
         self.layer_ranges = partition_layers(config.model.n_layer, self.schedule.num_stages,
                                              layout.layers_per_stage)

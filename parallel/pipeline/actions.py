@@ -99,3 +99,44 @@ class Schedule:
         return "\n".join(
             f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in enumerate(self.actions)
         )
+
+    def compute_only(self) -> "Schedule":
+        """Return a copy without the communication actions."""
+        actions = [[a for a in acts if a.is_compute] for acts in self.actions]
+        return Schedule(self.name, self.num_ranks, self.num_microbatches, self.stage_ranks, actions)
+
+
+def format_grid(actions: list[list[Action]], marks: dict[tuple[int, int], str] | None = None,
+                max_rows: int | None = None) -> str:
+    """Return the step-by-rank grid of `actions`: one row per position in the lists, one column
+    per rank.
+
+    `marks` maps (rank, position) to a note; the marked cells are drawn as `>1B3<` and the notes
+    are listed under the grid. With `max_rows`, only the rows around the first mark are drawn.
+    """
+    marks = marks or {}
+    num_rows = max((len(acts) for acts in actions), default=0)
+    width = max([len(str(a)) for acts in actions for a in acts] + [6]) + 2
+    rows = range(num_rows)
+    if max_rows is not None and num_rows > max_rows:
+        centre = min((pos for _, pos in marks), default=0)
+        first = max(0, min(centre - max_rows // 2, num_rows - max_rows))
+        rows = range(first, first + max_rows)
+
+    lines = ["step  " + "".join(f"rank {r}".ljust(width) for r in range(len(actions))).rstrip()]
+    if rows.start > 0:
+        lines.append(f"  ... {rows.start} earlier step(s)")
+    for pos in rows:
+        cells = []
+        for rank, acts in enumerate(actions):
+            text = str(acts[pos]) if pos < len(acts) else "."
+            if (rank, pos) in marks:
+                text = f">{text}<"
+            cells.append(text.ljust(width))
+        lines.append(f"{pos:>4}  " + "".join(cells).rstrip())
+    if rows.stop < num_rows:
+        lines.append(f"  ... {num_rows - rows.stop} later step(s)")
+    for (rank, pos), note in sorted(marks.items()):
+        action = actions[rank][pos] if pos < len(actions[rank]) else "(end of list)"
+        lines.append(f"rank {rank}, step {pos}, {action}: {note}")
+    return "\n".join(lines)
