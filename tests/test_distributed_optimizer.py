@@ -1,5 +1,5 @@
-"""The distributed optimizer (ZeRO-1) takes the single-process step, holds 1/dp of the optimizer
-state, and saves and loads layout-free state across layouts."""
+"""The distributed optimizer (ZeRO-1) takes the single-process step, keeps 1/dp of the optimizer
+state per rank, and saves and loads layout-free state across layouts."""
 
 from __future__ import annotations
 

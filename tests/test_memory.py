@@ -32,7 +32,7 @@ def test_single_process_memory_matches_prediction(dropout, recompute, precision)
     assert measured.activations == pytest.approx(predicted.activations, rel=1e-3)
     assert measured.parameters == predicted.parameters
     assert measured.gradients == predicted.gradients
-    # AdamW also holds a 4-byte step counter per parameter tensor.
+    # AdamW also keeps a 4-byte step counter per parameter tensor.
     assert predicted.optimizer <= measured.optimizer <= predicted.optimizer + 4 * len(trainer.params)
 
 

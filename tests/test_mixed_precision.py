@@ -62,17 +62,22 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
 
     trainer.loss_scaler.scale = 2.0**10
     stats = trainer.train_step()
-    assert not stats.skipped and 0 < stats.loss < 10
+    assert not stats.skipped
+    assert 0 < stats.loss < 10
     assert not torch.equal(dict(trainer.named_params)["transformer.wte.weight"],
                            before["transformer.wte.weight"])
 
 
 def test_loss_scaler_grows_after_interval():
     scaler = DynamicLossScaler(initial_scale=8.0, growth_interval=2)
-    assert scaler.update(1.0) and scaler.scale == 8.0
-    assert scaler.update(1.0) and scaler.scale == 16.0
-    assert not scaler.update(float("inf")) and scaler.scale == 8.0
-    assert not scaler.update(float("nan")) and scaler.scale == 4.0
+    assert scaler.update(1.0)
+    assert scaler.scale == 8.0
+    assert scaler.update(1.0)
+    assert scaler.scale == 16.0, "the scale doubles after growth_interval good steps"
+    assert not scaler.update(float("inf"))
+    assert scaler.scale == 8.0
+    assert not scaler.update(float("nan"))
+    assert scaler.scale == 4.0
 
 
 def test_mixed_precision_config_errors():

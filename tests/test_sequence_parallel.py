@@ -13,10 +13,12 @@ from tests.helpers import assert_matches_reference, make_trainer, run_config, ru
 from training.config import ConfigError
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_sequence_parallel_matches_single_process(tp):
+# zb-h1 splits each backward into I and W actions, whose deferred weight gradients need the
+# all-gathered sequence.
+@pytest.mark.parametrize("tp,schedule", [(2, "zb-h1"), (4, "1f1b")])
+def test_sequence_parallel_matches_single_process(tp, schedule):
     assert_matches_reference({"layout.tp": tp, "layout.pp": 2, "layout.micro_batches": 4,
-                              "layout.sequence_parallel": True})
+                              "layout.schedule": schedule, "layout.sequence_parallel": True})
 
 
 def _wire_elements(ledger: comm.Ledger, tp: int) -> float:

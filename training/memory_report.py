@@ -11,6 +11,9 @@ storage that several saved tensors share counts once, and parameters are not cou
 what the activation formulas count. It leaves out tensors that live only between two ops (a
 matmul output that the next op consumes), gradients in flight, and the tensors that pipeline
 stages send and receive.
+
+NOTE: with schedules that split the backward (I and W actions), the inputs and output gradients
+that queued weight-gradient work keeps from I until W are neither measured nor predicted here.
 """
 
 from __future__ import annotations
