@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from parallel.pipeline.actions import Action, Schedule
-from parallel.pipeline.passes import add_communication
+from parallel.pipeline.passes import add_communication, order_transfers_by_pair
 from parallel.pipeline.schedules import SCHEDULES, VIRTUAL_STAGES, ScheduleError, build_schedule
 from parallel.pipeline.sources import from_action_lists, load_table, prepare_schedule
 from parallel.pipeline.verify import verify
@@ -39,8 +39,17 @@ def test_action_text_round_trip():
 def test_zoo_passes_verifier(name, p, m):
     schedule = build_schedule(name, p, m, VIRTUAL_STAGES[name] or 2)
     verify(schedule)
-    verify(add_communication(schedule))
-    verify(add_communication(schedule, lookahead=3))
+    verify(order_transfers_by_pair(add_communication(schedule)))
+    verify(order_transfers_by_pair(add_communication(schedule, lookahead=3)))
+
+
+def test_rejects_transfers_in_different_orders():
+    # With receives posted one action ahead, 1F1B's stage 1 receives micro-batch 1's activations
+    # before it sends micro-batch 0's gradients, while stage 0 posts them the other way round:
+    # NCCL, which matches by order, would wait for ever.
+    unordered = add_communication(build_schedule("1f1b", 2, 2))
+    message = _rejects(unordered, "same order", "1RF1")
+    assert "rank 1 posts recv of the activations of stage 0, micro-batch 1 here" in message
 
 
 def test_rejects_missing_forward():

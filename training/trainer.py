@@ -30,7 +30,8 @@ from parallel.data_parallel import GradientBuffer
 from parallel.distributed_optimizer import DistributedOptimizer
 from parallel.layers import sum_sequence_parallel_grads
 from parallel.mesh import Mesh
-from parallel.pipeline.passes import add_communication
+from parallel.pipeline.passes import add_communication, order_transfers_by_pair
+from parallel.pipeline.verify import verify
 from parallel.pipeline.runtime import PipelineRuntime
 from parallel.pipeline.schedules import forward_only
 from parallel.pipeline.sources import prepare_schedule
@@ -64,8 +65,9 @@ class Trainer:
 
         self.schedule = prepare_schedule(layout.schedule, layout.pp, layout.micro_batches,
                                          layout.virtual_stages, layout.max_stash)
-        self.eval_schedule = add_communication(
-            forward_only(layout.pp, layout.micro_batches, self.schedule.stage_ranks))
+        self.eval_schedule = order_transfers_by_pair(add_communication(
+            forward_only(layout.pp, layout.micro_batches, self.schedule.stage_ranks)))
+        verify(self.eval_schedule, train=False)
         self.stages = self.schedule.stages_of(mesh.pp_rank)
         self.layer_ranges = partition_layers(config.model.n_layer, self.schedule.num_stages,
                                              layout.layers_per_stage)

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from parallel.pipeline.actions import Action, Schedule
-from parallel.pipeline.passes import add_communication
+from parallel.pipeline.passes import add_communication, order_transfers_by_pair
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule
 from parallel.pipeline.verify import verify
 
@@ -69,7 +69,7 @@ def prepare_schedule(spec: str, num_ranks: int, num_microbatches: int, virtual_s
         raise ScheduleError(f"schedule {spec!r} lists sends or receives; write compute actions "
                             f"only (F, B, I, W): the communication pass adds the transfers")
     verify(schedule, train=True, max_stash=max_stash)
-    with_comm = add_communication(schedule, lookahead)
+    with_comm = order_transfers_by_pair(add_communication(schedule, lookahead))
     verify(with_comm, train=True, max_stash=max_stash)
     return with_comm
 

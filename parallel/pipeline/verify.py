@@ -12,6 +12,8 @@ its action lists, the offending actions marked, and the rule. The rules, in the 
   communication (when the lists hold sends and receives): every tensor that crosses ranks is sent
     once, after the action that produces it, and received once, before the action that consumes
     it, and there are no other sends or receives;
+  pair order: any two ranks post the transfers between them in the same order (NCCL matches
+    sends and receives by that order);
   stash bound: no rank holds more than `max_stash` micro-batch activations at once (counted from
     a forward until its B or I);
   no deadlock: executing the lists, with each rank waiting only for inputs that another rank sends,
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 
 from parallel.pipeline.actions import Action, Schedule, format_grid
+from parallel.pipeline.passes import pair_sequence
 from parallel.pipeline.schedules import ScheduleError
 from parallel.pipeline.simulate import Costs, Deadlock, simulate
 
@@ -40,7 +43,8 @@ def verify(schedule: Schedule, train: bool = True, max_stash: int | None = None)
                             f"outside 0..{schedule.num_ranks - 1}")
 
     checks = [_check_placement, lambda s: _check_completeness(s, train), _check_order,
-              _check_communication, lambda s: _check_stash(s, max_stash), _check_deadlock]
+              _check_communication, _check_pair_order, lambda s: _check_stash(s, max_stash),
+              _check_deadlock]
     for check in checks:
         failure = check(schedule)
         if failure is not None:
@@ -190,6 +194,44 @@ def _check_communication(schedule: Schedule) -> Failure | None:
                 "once before its consumer", marks,
                 "fix: write compute actions only and let the communication pass add the rest")
     return None
+
+
+def _check_pair_order(schedule: Schedule) -> Failure | None:
+    """Check that any two ranks post the transfers between them in one common order (NCCL
+    matches them by that order, ignoring tags)."""
+    if all(a.is_compute for actions in schedule.actions for a in actions):
+        return None
+    for rank in range(schedule.num_ranks):
+        for peer in range(rank + 1, schedule.num_ranks):
+            mine = _pair_positions(schedule, rank, peer)
+            theirs = _pair_positions(schedule, peer, rank)
+            for (kind, message, pos), (peer_kind, peer_message, peer_pos) in zip(mine, theirs):
+                if message != peer_message or kind == peer_kind:
+                    marks = {(rank, pos): f"rank {rank} posts {kind} of {_describe(message)} here",
+                             (peer, peer_pos): f"rank {peer} posts {peer_kind} of "
+                                               f"{_describe(peer_message)} here"}
+                    return ("any two ranks post the sends and receives between them in the same "
+                            "order, because NCCL matches them by order and not by tag", marks,
+                            "fix: run the lists through parallel.pipeline.passes."
+                            "order_transfers_by_pair")
+    return None
+
+
+def _pair_positions(schedule: Schedule, rank: int, peer: int) -> list[tuple[str, tuple, int]]:
+    positions = [pos for pos, a in enumerate(schedule.actions[rank]) if not a.is_compute]
+    sequence = []
+    for pos in positions:
+        found = pair_sequence([schedule.actions[rank][pos]], rank, peer, schedule.stage_ranks)
+        if found:
+            kind, message = found[0]
+            sequence.append((kind, message, pos))
+    return sequence
+
+
+def _describe(message: tuple) -> str:
+    direction, stage, mb = message
+    what = "activations" if direction == "F" else "gradients"
+    return f"the {what} of stage {stage}, micro-batch {mb}"
 
 
 def _check_stash(schedule: Schedule, max_stash: int | None) -> Failure | None:
