@@ -45,18 +45,20 @@ def partition_layers(n_layer: int, num_stages: int,
 
 
 def build_chunks(config: GPTConfig, tp_group: Group, stages: list[int], layer_ranges: list[range],
-                 dtype=None, device=None) -> dict[int, GPTChunk]:
+                 dtype=None, device=None, **memory_options) -> dict[int, GPTChunk]:
     """Build the chunks of the given stages for one rank, sharing the embedding between them.
 
     The first stage embeds tokens and the last runs the head; both use the token embedding, so a
-    rank that runs both (pp=1, or a V-shaped placement) keeps one copy.
+    rank that runs both (pp=1, or a V-shaped placement) keeps one copy. `memory_options`
+    (sequence_parallel, recompute, recompute_layers) go to every GPTChunk.
     """
     num_stages = len(layer_ranges)
     chunks: dict[int, GPTChunk] = {}
     wte = None
     for stage in stages:
         chunk = GPTChunk(config, tp_group, layer_ranges[stage], first=stage == 0,
-                         last=stage == num_stages - 1, wte=wte, dtype=dtype, device=device)
+                         last=stage == num_stages - 1, wte=wte, dtype=dtype, device=device,
+                         **memory_options)
         if hasattr(chunk.transformer, "wte"):
             wte = chunk.transformer.wte
         chunks[stage] = chunk

@@ -6,7 +6,9 @@ first half of this file, so one place decides the backend call and one place cou
 The second half defines the autograd functions of Megatron-style tensor parallelism. They come in
 conjugate pairs (Shoeybi et al. 2019): `copy_to_tp` is the identity forward and an all-reduce
 backward, `reduce_from_tp` is an all-reduce forward and the identity backward; `split_last_dim`
-and `gather_last_dim` are likewise each other's backward.
+and `gather_last_dim` are likewise each other's backward. Sequence parallelism (Korthikanti et al.
+2022) adds `all_gather_along` and `reduce_scatter_along`, each the other's backward: together
+they move the same volume as one all-reduce, split in two halves.
 """
 
 from __future__ import annotations
@@ -177,11 +179,47 @@ def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
-    # The tensor all-gather concatenates along dim 0, so gather with the last dim moved first.
-    moved = x.movedim(-1, 0).contiguous()
+    gathered, _ = start_all_gather(x, -1, group, async_op=False)
+    return gathered
+
+
+def start_all_gather(x: torch.Tensor, dim: int, group: Group, async_op: bool = True):
+    """Start gathering the slices of every member along `dim`, in member order.
+
+    Returns (gathered, work). `gathered` is valid once `work` has been waited for; work is None
+    when the gather has already completed (sync, or a group of one).
+    """
+    # The tensor all-gather concatenates along dim 0, so gather with `dim` moved first.
+    moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_into(out, moved, group)
-    return out.movedim(0, -1)
+    work = all_gather_into(out, moved, group, async_op=async_op)
+    return out.movedim(0, dim), work
+
+
+def start_reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool = True):
+    """Start summing `x` over the group and keeping this member's slice of `dim`.
+
+    Returns (slice, work). `slice` is valid once `work` has been waited for; work is None when
+    the reduce-scatter has already completed.
+    """
+    if x.shape[dim] % group.size != 0:
+        raise ValueError(f"dim {dim} of shape {tuple(x.shape)} does not split over the "
+                         f"{group.size} ranks of group {group.name}")
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // group.size, *moved.shape[1:]), dtype=x.dtype,
+                      device=x.device)
+    work = reduce_scatter_into(out, moved, group, async_op=async_op)
+    return out.movedim(0, dim), work
+
+
+def _gather_along(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    gathered, _ = start_all_gather(x, dim, group, async_op=False)
+    return gathered
+
+
+def _reduce_scatter_along(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    reduced, _ = start_reduce_scatter(x, dim, group, async_op=False)
+    return reduced
 
 
 class _SplitLastDim(torch.autograd.Function):
@@ -210,6 +248,32 @@ class _GatherLastDim(torch.autograd.Function):
         return _split_last(grad, ctx.group), None
 
 
+class _AllGatherAlong(torch.autograd.Function):
+    """All-gather along a dim forward, reduce-scatter of the gradient along it backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterAlong(torch.autograd.Function):
+    """Reduce-scatter along a dim forward, all-gather of the gradient along it backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_along(grad, ctx.dim, ctx.group), None, None
+
+
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group.size == 1 else _CopyToGroup.apply(x, group)
 
@@ -224,3 +288,13 @@ def split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group.size == 1 else _GatherLastDim.apply(x, group)
+
+
+def all_gather_along(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Join the slices of `x` that the group's members hold along `dim` (differentiable)."""
+    return x if group.size == 1 else _AllGatherAlong.apply(x, dim, group)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Sum `x` over the group and keep this member's slice of `dim` (differentiable)."""
+    return x if group.size == 1 else _ReduceScatterAlong.apply(x, dim, group)

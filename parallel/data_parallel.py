@@ -1,12 +1,20 @@
-"""Data-parallel gradient averaging over flat, bucketed gradient buffers.
+"""Data-parallel gradient reduction over flat, bucketed gradient buffers.
 
 All gradients of one dtype live in one flat buffer, and each parameter's `.grad` is a view into
 it. Autograd accumulates into those views in place across micro-batches, so averaging over the dp
-group is one all-reduce per bucket with no packing or copying. Buckets are contiguous slices of
+group is one collective per bucket with no packing or copying. Buckets are contiguous slices of
 the buffer, filled in reverse parameter order (the order in which backward produces gradients).
+
+Two reductions:
+  `average`: all-reduce every bucket; every replica ends with the whole averaged gradient.
+  `reduce_scatter_average`: for the distributed optimizer (ZeRO-1). Each bucket is padded to a
+    multiple of dp and viewed as dp equal chunks. Member i of the dp group ends with the average
+    of chunk i of every bucket (its shard), and the rest of its buffer stays unreduced.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,32 +23,65 @@ from parallel import comm
 from parallel.mesh import Group
 
 
-class GradientBuffer:
-    """Flat gradient storage for `params`, averaged over `group` in buckets of about
-    `bucket_bytes` bytes."""
+@dataclass(frozen=True)
+class Bucket:
+    """A contiguous range [start, end) of the flat buffer `buffer_index`."""
 
-    def __init__(self, params: list[nn.Parameter], group: Group, bucket_bytes: int = 4 * 2**20):
+    buffer_index: int
+    start: int
+    end: int
+
+    def chunk(self, index: int, num_chunks: int) -> tuple[int, int]:
+        """Return the flat range of chunk `index` when the bucket is split into `num_chunks`."""
+        size = (self.end - self.start) // num_chunks
+        return self.start + index * size, self.start + (index + 1) * size
+
+
+class GradientBuffer:
+    """Flat gradient storage for `params`, reduced over `group` in buckets of about
+    `bucket_bytes` bytes.
+
+    With `pad_buckets` every bucket's length is padded to a multiple of the group size, as
+    `reduce_scatter_average` needs. Padding elements belong to no parameter and stay zero.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group: Group, bucket_bytes: int = 4 * 2**20,
+                 pad_buckets: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.group = group
         self.buffers: list[torch.Tensor] = []
         self.buckets: list[torch.Tensor] = []
+        self.bucket_ranges: list[Bucket] = []
+        self.offsets: dict[int, tuple[int, int]] = {}  # id(param) -> (buffer index, flat offset)
+        multiple = group.size if pad_buckets else 1
 
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for param in reversed(self.params):
             by_dtype.setdefault(param.dtype, []).append(param)
-        for dtype, group_params in by_dtype.items():
-            total = sum(p.numel() for p in group_params)
-            buffer = torch.zeros(total, dtype=dtype, device=group_params[0].device)
-            self.buffers.append(buffer)
+        for buffer_index, (dtype, group_params) in enumerate(by_dtype.items()):
+            element_size = torch.empty((), dtype=dtype).element_size()
             offset, bucket_start = 0, 0
             for param in group_params:
-                param.grad = buffer[offset:offset + param.numel()].view_as(param)
+                self.offsets[id(param)] = (buffer_index, offset)
                 offset += param.numel()
-                if (offset - bucket_start) * buffer.element_size() >= bucket_bytes:
-                    self.buckets.append(buffer[bucket_start:offset])
+                if (offset - bucket_start) * element_size >= bucket_bytes:
+                    offset = bucket_start + _round_up(offset - bucket_start, multiple)
+                    self.bucket_ranges.append(Bucket(buffer_index, bucket_start, offset))
                     bucket_start = offset
             if offset > bucket_start:
-                self.buckets.append(buffer[bucket_start:offset])
+                offset = bucket_start + _round_up(offset - bucket_start, multiple)
+                self.bucket_ranges.append(Bucket(buffer_index, bucket_start, offset))
+
+            buffer = torch.zeros(offset, dtype=dtype, device=group_params[0].device)
+            self.buffers.append(buffer)
+            for param in group_params:
+                param.grad = self.view_of(param, buffer)
+        self.buckets = [self.buffers[b.buffer_index][b.start:b.end] for b in self.bucket_ranges]
+
+    def view_of(self, param: nn.Parameter, buffer: torch.Tensor) -> torch.Tensor:
+        """Return the view of `param`'s range in `buffer` (this buffer, or one laid out like it)."""
+        _, offset = self.offsets[id(param)]
+        return buffer[offset:offset + param.numel()].view_as(param)
 
     def zero(self) -> None:
         for buffer in self.buffers:
@@ -65,3 +106,24 @@ class GradientBuffer:
             work.wait()
         for buffer in self.buffers:
             buffer.mul_(1.0 / self.group.size)
+
+    def reduce_scatter_average(self) -> None:
+        """Average this member's chunk of every bucket over the dp group (see the module doc).
+
+        Chunks owned by other members keep this replica's unreduced gradients afterwards.
+        """
+        if self.group.size == 1:
+            return
+        pending = []
+        for bucket, flat in zip(self.bucket_ranges, self.buckets):
+            out = torch.empty(flat.numel() // self.group.size, dtype=flat.dtype, device=flat.device)
+            work = comm.reduce_scatter_into(out, flat, self.group, async_op=True)
+            pending.append((bucket, out, work))
+        for bucket, out, work in pending:
+            work.wait()
+            start, end = bucket.chunk(self.group.rank, self.group.size)
+            self.buffers[bucket.buffer_index][start:end].copy_(out).mul_(1.0 / self.group.size)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

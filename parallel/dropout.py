@@ -10,6 +10,9 @@ same mask, and there is no generator state to save or synchronise.
 The hash is MurmurHash3's 32-bit finalizer (Appleby, public domain), computed on int64 tensors
 that hold uint32 values; products are masked back to 32 bits, which wraps exactly as uint32
 arithmetic does.
+
+Because the mask is a pure function of the key and the indices, backward recomputes it instead of
+saving it: dropout stores no activation bytes at all, at the cost of hashing every element twice.
 """
 
 from __future__ import annotations
@@ -71,9 +74,26 @@ def keep_mask(key: int, local_shape, where: GlobalSlice, p: float, device) -> to
     return hashed >= threshold
 
 
+def _apply_mask(x: torch.Tensor, p: float, key: int, where: GlobalSlice) -> torch.Tensor:
+    mask = keep_mask(key, x.shape, where, p, x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class _HashedDropout(torch.autograd.Function):
+    """Inverted dropout whose backward regenerates the mask instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, x, p, key, where):
+        ctx.p, ctx.key, ctx.where = p, key, where
+        return _apply_mask(x, p, key, where)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _apply_mask(grad, ctx.p, ctx.key, ctx.where), None, None, None
+
+
 def hashed_dropout(x: torch.Tensor, p: float, key: int, where: GlobalSlice) -> torch.Tensor:
     """Apply inverted dropout with a layout-invariant mask; identity when p == 0."""
     if p == 0.0:
         return x
-    mask = keep_mask(key, x.shape, where, p, x.device)
-    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+    return _HashedDropout.apply(x, p, key, where)

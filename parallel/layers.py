@@ -7,6 +7,18 @@ the slices of all ranks back into it (saving). Parameters without the attribute 
 over the TP group.
 
 Weights use the nn.Linear layout, (out_features, in_features).
+
+With sequence parallelism (Korthikanti et al. 2022) the activations outside the tensor-parallel
+regions are split along the sequence, dim `SEQUENCE_DIM` of (batch, sequence, hidden): a
+column-parallel layer all-gathers the sequence of its input instead of taking a replicated input,
+and a row-parallel layer reduce-scatters its output along the sequence instead of all-reducing
+it. Replicated parameters that then see only this rank's part of the sequence carry
+`sequence_parallel = True`; their gradients must be summed over the TP group after the backward
+pass (`sum_sequence_parallel_grads`).
+
+Under autocast (mixed precision) the linear layers cast their input, weight and bias to the
+autocast dtype themselves, because they are custom autograd functions: the weights stay in their
+own dtype (the fp32 master weights) and their gradients are returned in it.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ import torch.nn.functional as F
 
 from parallel import comm, weight_grad
 from parallel.mesh import Group
+
+SEQUENCE_DIM = 1  # activations are (batch, sequence, hidden)
 
 
 @dataclass(frozen=True)
@@ -84,46 +98,95 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
 # Linear layers
 
 
-class _ParallelLinear(torch.autograd.Function):
-    """y = x W^T + b, with the backward that tensor and pipeline parallelism need.
+# Input layouts of a linear layer over the TP group.
+LOCAL = "local"  # nothing to communicate: a row-parallel layer's split input, or tp=1
+REPLICATED = "replicated"  # the same full input on every rank
+SEQUENCE_SHARDED = "sequence"  # each rank has its slice of the sequence (dim SEQUENCE_DIM)
 
-    When `input_grad_group` is given (a column-parallel layer, whose input is replicated over the
-    TP group), backward all-reduces the input gradient (the `f` operator) and overlaps that
-    all-reduce with the weight-gradient matmul, which does not depend on it. Inside
-    `deferring_weight_grads` the weight and bias gradients are queued instead of computed.
+
+class _ParallelLinear(torch.autograd.Function):
+    """y = x W^T + b, with the backward that tensor, sequence and pipeline parallelism need.
+
+    REPLICATED input: backward all-reduces the input gradient (the `f` operator) and overlaps that
+    all-reduce with the weight-gradient matmul, which does not depend on it.
+    SEQUENCE_SHARDED input: forward all-gathers the sequence but saves only this rank's slice.
+    Backward all-gathers the slices again while it computes the input gradient, then
+    reduce-scatters the input gradient while it computes the weight gradient.
+    Inside `deferring_weight_grads` the weight and bias gradients are queued instead of computed.
+    The queued work keeps the gathered input, so it needs no communication when it runs.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, input_grad_group):
+    def forward(ctx, x, weight, bias, group, input_mode):
+        x, compute_weight, compute_bias = _cast_for_autocast(x, weight, bias)
+        total_x = x
+        if input_mode == SEQUENCE_SHARDED:
+            total_x, _ = comm.start_all_gather(x, SEQUENCE_DIM, group, async_op=False)
         ctx.save_for_backward(x, weight)
         ctx.bias = bias
-        ctx.group = input_grad_group
-        return F.linear(x, weight, bias)
+        ctx.group = group
+        ctx.input_mode = input_mode
+        return F.linear(total_x, compute_weight, compute_bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = grad_out.matmul(weight)
-        work = None
-        if ctx.group is not None:
-            work = comm.all_reduce(grad_x, ctx.group, async_op=True)
+        group, mode = ctx.group, ctx.input_mode
+        gather_work = None
+        total_x = x
+        if mode == SEQUENCE_SHARDED:
+            total_x, gather_work = comm.start_all_gather(x, SEQUENCE_DIM, group)
+
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype))
+        grad_work = None
+        if mode == REPLICATED:
+            grad_work = comm.all_reduce(grad_x, group, async_op=True)
+        elif mode == SEQUENCE_SHARDED:
+            if gather_work is not None:
+                gather_work.wait()
+            grad_x, grad_work = comm.start_reduce_scatter(grad_x, SEQUENCE_DIM, group)
 
         queue = weight_grad.active_queue()
         if queue is None:
-            grad_weight, grad_bias = _weight_grads(grad_out, x, ctx.bias is not None)
+            grad_weight, grad_bias = _weight_grads(grad_out, total_x, ctx.bias is not None)
         else:
-            queue.append(functools.partial(_accumulate_weight_grads, grad_out, x, weight, ctx.bias))
+            queue.append(functools.partial(_accumulate_weight_grads, grad_out, total_x, weight, ctx.bias))
             grad_weight = grad_bias = None
 
-        if work is not None:
-            work.wait()
-        return grad_x, grad_weight, grad_bias, None
+        if grad_work is not None:
+            grad_work.wait()
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Return the dtype autocast computes in on this device type, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast_for_autocast(x, weight, bias):
+    """Cast the operands of a linear layer as autocast would for F.linear.
+
+    Autocast leaves float64 alone, as PyTorch's autocast does.
+    """
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return x, weight, bias
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def _weight_grads(grad_out: torch.Tensor, x: torch.Tensor, has_bias: bool):
     grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
     grad_weight = grad_out_2d.t().matmul(x.reshape(-1, x.shape[-1]))
-    grad_bias = grad_out_2d.sum(0) if has_bias else None
+    # A 16-bit gradient is summed over the tokens in fp32.
+    grad_bias = grad_out_2d.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32)) if has_bias else None
     return grad_weight, grad_bias
 
 
@@ -135,29 +198,61 @@ def _accumulate_weight_grads(grad_out, x, weight, bias) -> None:
 
 
 def linear_with_tp_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         group: Group) -> torch.Tensor:
-    """Return x W^T + b for an input x replicated over `group` and a weight split by output rows.
+                         group: Group, sequence_parallel: bool = False) -> torch.Tensor:
+    """Return x W^T + b for a weight split by output rows over `group`.
 
-    Identity of the input forward and all-reduce of its gradient backward (the `f` operator).
+    x is replicated over `group`: the identity forward and an all-reduce of its gradient backward
+    (the `f` operator). With `sequence_parallel`, x is this rank's slice of the sequence instead,
+    which is all-gathered first, so the output covers the whole sequence.
     """
-    return _ParallelLinear.apply(x, weight, bias, group if group.size > 1 else None)
+    if group.size == 1:
+        mode = LOCAL
+    else:
+        mode = SEQUENCE_SHARDED if sequence_parallel else REPLICATED
+    return _ParallelLinear.apply(x, weight, bias, group, mode)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Return x W^T + b with no communication (whose weight gradients can be deferred)."""
-    return _ParallelLinear.apply(x, weight, bias, None)
+    return _ParallelLinear.apply(x, weight, bias, None, LOCAL)
+
+
+def mark_sequence_parallel(*params: nn.Parameter | None) -> None:
+    """Mark replicated parameters that see only this rank's part of the sequence."""
+    for param in params:
+        if param is not None:
+            param.sequence_parallel = True
+
+
+def sum_sequence_parallel_grads(params, group: Group) -> None:
+    """Sum the gradients of parameters marked `sequence_parallel` over the TP group.
+
+    Each TP rank's gradient covers only its part of the sequence, so the sum is the gradient of
+    the whole sequence, the same on every rank. The gradients are flattened into one all-reduce.
+    """
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if group.size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, group)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 class ColumnParallelLinear(nn.Module):
     """Linear layer whose output features are split over the TP group.
 
-    The input is replicated on every TP rank; each rank computes its slice of the output. With
-    `gather_output` the slices are all-gathered into the full output. `blocks` > 1 splits fused
-    weights block by block (see ShardSpec).
+    The input is replicated on every TP rank, or with `sequence_parallel` split along the
+    sequence and all-gathered. Each rank computes its slice of the output for the whole sequence.
+    With `gather_output` the slices are all-gathered into the full output. `blocks` > 1 splits
+    fused weights block by block (see ShardSpec).
     """
 
     def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True,
-                 gather_output: bool = False, blocks: int = 1, dtype=None, device=None):
+                 gather_output: bool = False, blocks: int = 1, sequence_parallel: bool = False,
+                 dtype=None, device=None):
         super().__init__()
         if out_features % (group.size * blocks) != 0:
             raise ValueError(
@@ -166,6 +261,7 @@ class ColumnParallelLinear(nn.Module):
             )
         self.group = group
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
         local_out = out_features // group.size
         self.weight = nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device))
         self.weight.tp_shard = ShardSpec(dim=0, blocks=blocks)
@@ -176,7 +272,7 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear_with_tp_input(x, self.weight, self.bias, self.group)
+        y = linear_with_tp_input(x, self.weight, self.bias, self.group, self.sequence_parallel)
         if self.gather_output:
             y = comm.gather_last_dim(y, self.group)
         return y
@@ -187,11 +283,13 @@ class RowParallelLinear(nn.Module):
 
     The input arrives already split along its last dim, as a column-parallel layer outputs it.
     Each rank computes a partial sum of the output, the partial sums are all-reduced (the `g`
-    operator), and the replicated bias is added once, after the reduction.
+    operator), and the replicated bias is added once, after the reduction. With
+    `sequence_parallel` the partial sums are reduce-scattered along the sequence instead, so each
+    rank gets the sum for its slice of the sequence, and the bias is marked `sequence_parallel`.
     """
 
     def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True,
-                 dtype=None, device=None):
+                 sequence_parallel: bool = False, dtype=None, device=None):
         super().__init__()
         if in_features % group.size != 0:
             raise ValueError(
@@ -202,13 +300,20 @@ class RowParallelLinear(nn.Module):
             torch.empty(out_features, in_features // group.size, dtype=dtype, device=device)
         )
         self.weight.tp_shard = ShardSpec(dim=1)
+        self.sequence_parallel = sequence_parallel
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+            if sequence_parallel and group.size > 1:
+                mark_sequence_parallel(self.bias)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = comm.reduce_from_tp(linear(x, self.weight), self.group)
+        partial = linear(x, self.weight)
+        if self.sequence_parallel:
+            y = comm.reduce_scatter_along(partial, SEQUENCE_DIM, self.group)
+        else:
+            y = comm.reduce_from_tp(partial, self.group)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -247,12 +352,15 @@ class VocabParallelEmbedding(nn.Module):
     The vocabulary is padded with zero rows up to a multiple of tp. Padding rows are never looked
     up (token ids stay below `num_embeddings`), so they never receive a gradient, and the LM head
     masks their logits, so they are never predicted. Each rank looks up the ids that fall in its
-    rows and the partial embeddings are all-reduced.
+    rows and the partial embeddings are all-reduced, or with `sequence_parallel` reduce-scattered
+    along the sequence, so that each rank gets its slice of the sequence.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group, dtype=None, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group,
+                 sequence_parallel: bool = False, dtype=None, device=None):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel
         self.num_embeddings = num_embeddings
         padded = padded_size(num_embeddings, group.size)
         self.rows_per_rank = padded // group.size
@@ -270,6 +378,8 @@ class VocabParallelEmbedding(nn.Module):
         if self.group.size == 1:
             return F.embedding(ids, self.weight)
         partial = _MaskedEmbeddingLookup.apply(ids, self.weight, self.vocab_start)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_along(partial, SEQUENCE_DIM, self.group)
         return comm.reduce_from_tp(partial, self.group)
 
     def local_vocab_mask(self) -> torch.Tensor | None:

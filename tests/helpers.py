@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from parallel.launch import run_ranks, set_label
@@ -80,9 +81,15 @@ def _reference(frozen_overrides: tuple, steps: int, record_after: tuple):
     return train_job(0, 1, overrides, steps, record_after)
 
 
+# Options that change memory and communication but not what a step computes: the reference runs
+# without them.
+MEMORY_ONLY_KEYS = ("train.recompute", "train.recompute_layers", "train.distributed_optimizer")
+
+
 def reference(overrides: dict, steps: int = 3, record_after: tuple = (1, 3)):
     """Return `train_job`'s result for the single-process model, in this process."""
-    model_keys = {k: v for k, v in overrides.items() if not k.startswith("layout.")}
+    model_keys = {k: v for k, v in overrides.items()
+                  if not k.startswith("layout.") and k not in MEMORY_ONLY_KEYS}
     return _reference(tuple(sorted(model_keys.items())), steps, record_after)
 
 
@@ -91,3 +98,18 @@ def assert_params_close(actual: dict, expected: dict, rtol: float = 1e-9, atol: 
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_matches_reference(overrides: dict, steps: int = 3):
+    """Train `steps` steps in the layout of `overrides`; assert that every rank's losses and the
+    full parameters after steps 1 and 3 match the single-process model."""
+    layout = Layout(overrides.get("layout.tp", 1), overrides.get("layout.pp", 1),
+                    overrides.get("layout.dp", 1))
+    results = run_job(train_job, layout, overrides, steps)
+    expected = reference(overrides, steps)
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(expected["losses"], rel=1e-10), f"rank {rank}"
+    for step in (1, 3):
+        if step <= steps:
+            assert_params_close(results[0]["params"][step], expected["params"][step])
+    return results, expected

@@ -41,6 +41,9 @@ _FLAG_KEYS = {
     "dropout": "model.dropout", "data": "data.path", "out": "run.out", "log_json": "run.log_json",
     "device": "run.device", "threads_per_rank": "run.threads_per_rank",
     "init_from": "run.init_from", "save_interval": "run.save_interval", "keep": "run.keep",
+    "sequence_parallel": "layout.sequence_parallel", "recompute": "train.recompute",
+    "recompute_layers": "train.recompute_layers", "mixed_precision": "train.mixed_precision",
+    "distributed_optimizer": "train.distributed_optimizer", "memory_report": "run.memory_report",
 }
 
 
@@ -59,10 +62,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "zb-h1, zb-h2, zb-v or dualpipev; a .yaml or .csv table "
                                            "of actions per rank; or package.module:function")
     parser.add_argument("--virtual-stages", type=int, help="pipeline stages per pipeline rank")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="split LayerNorm and dropout activations along the sequence over the "
+                             "TP ranks")
     parser.add_argument("--global-batch", type=int, help="sequences per optimizer step")
     parser.add_argument("--steps", type=int, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, help="seed of initialization, data order and dropout")
     parser.add_argument("--dropout", type=float, help="dropout probability (0 turns it off)")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"],
+                        help="activation recomputation: selective recomputes the attention core, "
+                             "full whole blocks")
+    parser.add_argument("--recompute-layers", type=int,
+                        help="with --recompute full: recompute only the first N blocks of each stage")
+    parser.add_argument("--mixed-precision", choices=["bf16", "fp16"],
+                        help="compute in bf16 or fp16 under autocast, with fp32 master weights "
+                             "(fp16 adds dynamic loss scaling)")
+    parser.add_argument("--distributed-optimizer", action="store_true", default=None,
+                        help="shard AdamW's state over the dp ranks (ZeRO-1)")
     parser.add_argument("--data", help="text file, folder of text files, or .bin file of uint16 "
                                        "token ids (default: the Python docs in pydoc_data)")
     parser.add_argument("--out", help="folder for checkpoints (default: runs/latest)")
@@ -79,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-json", help="append one JSON object per step to this file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the ranks")
     parser.add_argument("--threads-per-rank", type=int, help="torch threads in each rank (default 1)")
+    parser.add_argument("--memory-report", action="store_true", default=None,
+                        help="measure parameter, gradient, optimizer and activation bytes of every "
+                             "rank during the first step and log them next to the prediction")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, such as --set train.lr=3e-4 or --set "
                              "model.n_layer=6 (repeatable)")
@@ -249,10 +268,14 @@ def _train_loop(trainer, config: RunConfig, rank: int, save) -> int | None:
     tokens_per_step = config.train.global_batch * config.seq_len
     bar = ProgressBar(config.train.steps, enabled=rank == 0 and config.run.progress)
     json_log = open(config.run.log_json, "a") if rank == 0 and config.run.log_json else None
+    first_step = trainer.step
     try:
         while trainer.step < config.train.steps:
             start = time.perf_counter()
-            stats = trainer.train_step()
+            if config.run.memory_report and trainer.step == first_step:
+                stats = _measured_step(trainer, config)
+            else:
+                stats = trainer.train_step()
             elapsed = time.perf_counter() - start
             record = {"step": stats.step, "loss": stats.loss, "lr": stats.lr,
                       "grad_norm": stats.grad_norm, "tokens_per_s": tokens_per_step / elapsed,
@@ -277,6 +300,18 @@ def _train_loop(trainer, config: RunConfig, rank: int, save) -> int | None:
     return saved_step
 
 
+def _measured_step(trainer, config: RunConfig):
+    """Run one step while measuring memory; rank 0 logs every rank's report."""
+    from training.memory_report import format_reports, gather_reports, measure_step
+
+    stats, report = measure_step(trainer)
+    reports = gather_reports(report, config.layout.mesh.world_size)
+    if reports is not None:
+        log.info("memory of step %d per rank (activations: peak of tensors saved for backward; "
+                 "predicted by model/memory.py):\n%s", stats.step + 1, format_reports(reports))
+    return stats
+
+
 def _log_step(record: dict, total: int) -> None:
     line = (f"step {record['step'] + 1:>5}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e}"
             f" | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
@@ -293,6 +328,11 @@ def _log_start(config: RunConfig, trainer, corpus) -> None:
     log.info("layout: tp=%d pp=%d dp=%d, schedule %s, %d micro-batch(es) of %d sequences per replica",
              lay.tp, lay.pp, lay.dp, lay.schedule, lay.micro_batches, config.micro_batch_size)
     log.info("pipeline: %s", trainer.describe_stages())
+    tr = config.train
+    log.info("memory: sequence parallel %s, recompute %s%s, precision %s, %s optimizer",
+             "on" if lay.sequence_parallel else "off", tr.recompute,
+             f" (first {tr.recompute_layers} blocks per stage)" if tr.recompute_layers else "",
+             tr.mixed_precision or tr.dtype, "distributed (ZeRO-1)" if tr.distributed_optimizer else "replicated")
     log.info("data: %s; %s training and %s validation tokens; unigram entropy %.4f nats per token",
              corpus.description, f"{len(trainer.batches.train_tokens):,}",
              f"{len(trainer.batches.val_tokens):,}", unigram_entropy(corpus.tokens))

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
+from model.gpt import RECOMPUTE_MODES
 from parallel.mesh import Layout
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError
 from parallel.pipeline.sources import is_user_schedule, prepare_schedule
@@ -22,6 +23,9 @@ from parallel.pipeline.sources import is_user_schedule, prepare_schedule
 
 class ConfigError(ValueError):
     """An invalid configuration, found before any rank starts."""
+
+
+MIXED_PRECISION = (None, "bf16", "fp16")  # values of train.mixed_precision
 
 
 @dataclass
@@ -38,6 +42,8 @@ class LayoutConfig:
     # Maximum number of micro-batch activations one rank may stash at once, each counted from a
     # forward until its B or I. A schedule that stashes more is rejected. None sets no bound.
     max_stash: int | None = None
+    # Split the activations outside attention and the MLP along the sequence over the TP group.
+    sequence_parallel: bool = False
 
     @property
     def mesh(self) -> Layout:
@@ -61,6 +67,13 @@ class TrainConfig:
     eval_interval: int = 50  # steps between evaluations; 0 evaluates only at the end
     eval_batches: int = 4  # global batches of held-out text per evaluation
     dtype: str = "float32"  # parameter dtype: float32 or float64
+    # Compute dtype under autocast: null (none), bf16, or fp16 (with dynamic loss scaling). The
+    # float32 parameters are the master weights; gradients accumulate and reduce in float32.
+    mixed_precision: str | None = None
+    recompute: str = "none"  # activation recomputation: none, selective or full
+    recompute_layers: int | None = None  # with recompute=full: only the first k blocks per stage
+    # ZeRO-1: shard AdamW's state over dp, reduce-scatter gradients, all-gather parameters.
+    distributed_optimizer: bool = False
 
 
 @dataclass
@@ -83,6 +96,7 @@ class RunOptions:
     sample_tokens: int = 200  # length of the text sample printed at the end; 0 for none
     sample_prompt: str = "The "
     progress: bool = True  # progress bar on a terminal
+    memory_report: bool = False  # measure the first step's memory on every rank and log it
 
 
 @dataclass
@@ -228,6 +242,7 @@ def validate(config: RunConfig) -> None:
         )
     if tr.seq_len is not None and not 1 <= tr.seq_len <= m.n_positions:
         problems.append(f"seq_len={tr.seq_len} must be between 1 and n_positions={m.n_positions}")
+    problems += _memory_problems(config)
     if tr.steps < 0:
         problems.append(f"steps={tr.steps} must not be negative")
     if tr.dtype not in ("float32", "float64"):
@@ -242,6 +257,34 @@ def validate(config: RunConfig) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _memory_problems(config: RunConfig) -> list[str]:
+    """Return the broken rules of sequence parallelism, recomputation and mixed precision."""
+    lay, tr = config.layout, config.train
+    problems = []
+    if lay.sequence_parallel and config.seq_len % lay.tp != 0:
+        shorter = config.seq_len - config.seq_len % lay.tp
+        problems.append(
+            f"seq_len={config.seq_len} is not divisible by tp={lay.tp}: sequence parallelism splits "
+            f"each sequence over the TP ranks; use a multiple of {lay.tp} (such as train.seq_len="
+            f"{shorter or lay.tp}) or set layout.sequence_parallel=false"
+        )
+    if tr.recompute not in RECOMPUTE_MODES:
+        problems.append(f"train.recompute={tr.recompute!r} must be one of {list(RECOMPUTE_MODES)}")
+    if tr.recompute_layers is not None:
+        if tr.recompute != "full":
+            problems.append(f"train.recompute_layers={tr.recompute_layers} applies only to "
+                            f"recompute=full (recompute is {tr.recompute!r}); set it to null")
+        elif tr.recompute_layers < 1:
+            problems.append(f"train.recompute_layers={tr.recompute_layers} must be at least 1, or "
+                            f"null to recompute every block")
+    if tr.mixed_precision not in MIXED_PRECISION:
+        problems.append(f"train.mixed_precision={tr.mixed_precision!r} must be null, bf16 or fp16")
+    elif tr.mixed_precision is not None and tr.dtype != "float32":
+        problems.append(f"train.mixed_precision={tr.mixed_precision} needs float32 master weights, "
+                        f"but train.dtype={tr.dtype}; set train.dtype=float32")
+    return problems
 
 
 def _checkpoint_problems(run: RunOptions) -> list[str]:

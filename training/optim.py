@@ -8,21 +8,31 @@ import torch
 import torch.nn as nn
 
 from parallel import comm
-from parallel.mesh import Mesh
+from parallel.distributed_optimizer import DistributedOptimizer
+from parallel.mesh import Group, Mesh
 from training.config import TrainConfig
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: TrainConfig,
+                    dp_group: Group | None = None):
     """AdamW with weight decay on matrices (weights and embeddings) only, as in GPT-2 training:
-    biases and LayerNorm parameters are not decayed."""
+    biases and LayerNorm parameters are not decayed.
+
+    With `config.distributed_optimizer` it is a DistributedOptimizer over `dp_group` (ZeRO-1),
+    which moves the parameters into its flat buffers and owns the gradient buffer.
+    """
     decay = [p for _, p in named_params if p.dim() >= 2]
     no_decay = [p for _, p in named_params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                             foreach=True)
+    options = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps, "foreach": True}
+    if config.distributed_optimizer:
+        if dp_group is None:
+            raise ValueError("the distributed optimizer needs the dp group")
+        return DistributedOptimizer(groups, dp_group, torch.optim.AdamW, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -50,26 +60,45 @@ def counted_once(name: str, param: nn.Parameter, mesh: Mesh, holds_first_stage: 
     return True
 
 
-def global_grad_norm(named_params, mesh: Mesh, holds_first_stage: bool) -> torch.Tensor:
+def global_grad_norm(named_params, mesh: Mesh, holds_first_stage: bool, optimizer=None) -> torch.Tensor:
     """Return the L2 norm of the gradient of the whole model, identical on every rank.
 
     Gradients are already averaged over dp, so the replicas agree and only the model-parallel
-    group (tp x pp) takes part in the sum.
+    group (tp x pp) takes part in the sum. With a DistributedOptimizer each dp rank has the
+    averaged gradient of its shard only, so the sum runs over the shards and the dp group too.
     """
-    grads = [p.grad for name, p in named_params if counted_once(name, p, mesh, holds_first_stage)]
-    device = grads[0].device if grads else torch.device("cpu")
+    counted = {id(p) for name, p in named_params if counted_once(name, p, mesh, holds_first_stage)}
+    sharded = isinstance(optimizer, DistributedOptimizer)
+    if sharded:
+        grads = [grad for param, grad in optimizer.local_grads() if id(param) in counted]
+    else:
+        grads = [p.grad for _, p in named_params if id(p) in counted]
+    # A ZeRO-1 shard may hold no gradient at all, so the device comes from the parameters.
+    device = named_params[0][1].device if named_params else torch.device("cpu")
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for grad in grads:
         total += grad.detach().double().square().sum()
     comm.all_reduce(total, mesh.model)
+    if sharded:
+        comm.all_reduce(total, mesh.dp)
     return total.sqrt()[0]
 
 
-def clip_gradients(params, norm: torch.Tensor, max_norm: float) -> None:
-    """Scale all gradients so that their global norm is at most `max_norm` (0 turns it off)."""
-    if max_norm <= 0:
-        return
-    scale = max_norm / (float(norm) + 1e-6)
-    if scale < 1.0:
-        grads = [p.grad for p in params if p.grad is not None]
+def update_gradients(params, optimizer) -> list[torch.Tensor]:
+    """Return the gradients that `optimizer.step()` reads on this rank (a shard with ZeRO-1)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        return [grad for _, grad in optimizer.local_grads()]
+    return [p.grad for p in params if p.grad is not None]
+
+
+def clip_and_unscale(grads: list[torch.Tensor], norm: float, max_norm: float, loss_scale: float = 1.0) -> None:
+    """Scale gradients so that their global norm is at most `max_norm` (0 turns clipping off).
+
+    `norm` is the norm of the true gradients. The gradients themselves may still be multiplied
+    by `loss_scale` (fp16 loss scaling), and this function divides it out in the same pass.
+    """
+    scale = 1.0 / loss_scale
+    if max_norm > 0:
+        scale *= min(1.0, max_norm / (norm + 1e-6))
+    if scale != 1.0 and grads:
         torch._foreach_mul_(grads, scale)

@@ -3,7 +3,8 @@
 Full tensors are keyed by the global names of the single-process model. Gathering joins TP slices
 with their ShardSpec and collects the pipeline stages on global rank 0; scattering cuts each rank's
 slice out of the full tensors. Data-parallel replicas are identical, so only dp rank 0 takes part
-in the gather.
+in the gather, except that a distributed optimizer (ZeRO-1) first all-gathers its state shards
+over dp.
 
 The random-generator states of each rank (torch CPU and CUDA, numpy's global generator, Python's
 `random`) are gathered too, so that a resumed run continues every stream where it stopped.
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from parallel import comm
+from parallel.distributed_optimizer import DistributedOptimizer
 from parallel.layers import full_shape, shard, unshard
 from parallel.mesh import Mesh
 
@@ -60,20 +62,42 @@ def gather_model(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> di
     return _collect_on_rank0(local, mesh)
 
 
-def gather_optimizer(optimizer: torch.optim.Optimizer, named_params, mesh: Mesh) -> dict | None:
-    """Return {"<name>.<state>": full tensor, "step": step} for AdamW, on global rank 0."""
+def gather_gradients(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> dict | None:
+    """Return {global name: full CPU gradient} on global rank 0, None on other ranks."""
     local = {}
-    step = 0
     for name, param in named_params:
-        state = optimizer.state.get(param, {})
+        full = _tp_gather(param.grad, getattr(param, "tp_shard", None), mesh)
+        local[name] = full.cpu()
+    return _collect_on_rank0(local, mesh)
+
+
+def gather_optimizer(optimizer, named_params, mesh: Mesh) -> dict | None:
+    """Return {"<name>.<state>": full tensor, "step": step} for AdamW, on global rank 0.
+
+    `optimizer` is a torch AdamW or a DistributedOptimizer running AdamW.
+    """
+    states, step = _local_param_states(optimizer, named_params)
+    local = {}
+    for name, param in named_params:
         spec = getattr(param, "tp_shard", None)
         for key in OPTIMIZER_STATE_KEYS:
-            value = state.get(key, torch.zeros_like(param))
-            local[f"{name}.{key}"] = _tp_gather(value, spec, mesh).cpu()
-        if "step" in state:
-            step = int(state["step"])
+            local[f"{name}.{key}"] = _tp_gather(states[name][key], spec, mesh).cpu()
     local["step"] = torch.tensor(step)
     return _collect_on_rank0(local, mesh)
+
+
+def _local_param_states(optimizer, named_params) -> tuple[dict, int]:
+    """Return ({name: {key: this rank's TP slice of the state}}, step)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        by_id, step = optimizer.gather_param_states(OPTIMIZER_STATE_KEYS)
+        return {name: by_id[id(param)] for name, param in named_params}, step
+    states, step = {}, 0
+    for name, param in named_params:
+        state = optimizer.state.get(param, {})
+        states[name] = {key: state.get(key, torch.zeros_like(param)) for key in OPTIMIZER_STATE_KEYS}
+        if "step" in state:
+            step = int(state["step"])
+    return states, step
 
 
 def _check_full_tensors(named_params, full: dict, mesh: Mesh, suffixes: tuple[str, ...]) -> None:
@@ -103,18 +127,29 @@ def load_model(named_params, full: dict, mesh: Mesh) -> None:
 
 
 @torch.no_grad()
-def load_optimizer(optimizer: torch.optim.Optimizer, named_params, full: dict, mesh: Mesh) -> None:
-    """Set AdamW's state from full tensors, slicing each like its parameter."""
+def load_optimizer(optimizer, named_params, full: dict, mesh: Mesh) -> None:
+    """Set AdamW's state from full tensors, slicing each like its parameter.
+
+    `optimizer` is a torch AdamW or a DistributedOptimizer, which keeps only its shard.
+    """
     if "step" not in full:
         raise KeyError("optimizer state has no 'step' entry")
     _check_full_tensors(named_params, full, mesh, tuple(f".{key}" for key in OPTIMIZER_STATE_KEYS))
     step = int(full["step"])
+    sliced = {}
     for name, param in named_params:
         spec = getattr(param, "tp_shard", None)
-        state = optimizer.state[param]
-        for key in OPTIMIZER_STATE_KEYS:
-            state[key] = shard(full[f"{name}.{key}"], spec, mesh.tp.rank, mesh.tp.size).to(
+        sliced[id(param)] = {
+            key: shard(full[f"{name}.{key}"], spec, mesh.tp.rank, mesh.tp.size).to(
                 device=param.device, dtype=param.dtype).clone()
+            for key in OPTIMIZER_STATE_KEYS
+        }
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_param_states(sliced, step)
+        return
+    for name, param in named_params:
+        state = optimizer.state[param]
+        state.update(sliced[id(param)])
         state["step"] = torch.tensor(float(step))
 
 

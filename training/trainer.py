@@ -4,10 +4,13 @@
 them independently of the layout, and runs steps:
 
   1. every rank draws the same global batch and takes its dp slice, split into micro-batches;
-  2. the pipeline runtime walks this rank's action list (forwards, backwards, transfers);
-  3. the tied embedding's gradients are summed between the first and last stage;
-  4. gradients are averaged over dp, the global norm is computed with every parameter counted
-     once, gradients are clipped, and AdamW steps;
+  2. the pipeline runtime walks this rank's action list (forwards under autocast when mixed
+     precision is on, backwards, transfers);
+  3. the tied embedding's gradients are summed between the first and last stage, and with
+     sequence parallelism the gradients of replicated parameters over the TP group;
+  4. gradients are averaged over dp (with ZeRO-1 reduce-scattered, each rank averaging its
+     shard), the global norm is computed with every parameter counted once, gradients are
+     clipped, and AdamW steps (with ZeRO-1 on the shard, then the parameters are all-gathered);
   5. the loss (the mean over every token of the global batch) is agreed on by all ranks.
 """
 
@@ -24,6 +27,8 @@ from model.build import build_chunks, initialize, named_parameters, partition_la
 from model.gpt import ForwardContext
 from parallel import comm
 from parallel.data_parallel import GradientBuffer
+from parallel.distributed_optimizer import DistributedOptimizer
+from parallel.layers import sum_sequence_parallel_grads
 from parallel.mesh import Mesh
 from parallel.pipeline.passes import add_communication, order_transfers_by_pair
 from parallel.pipeline.verify import verify
@@ -33,7 +38,8 @@ from parallel.pipeline.sources import prepare_schedule
 from training import state
 from training.config import RunConfig
 from training.data import TokenBatches
-from training.optim import build_optimizer, clip_gradients, global_grad_norm, learning_rate
+from training.optim import build_optimizer, clip_and_unscale, global_grad_norm, learning_rate, update_gradients
+from training.precision import DynamicLossScaler, autocast_dtype
 
 log = logging.getLogger("microtron")
 
@@ -46,6 +52,7 @@ class StepStats:
     loss: float
     lr: float
     grad_norm: float
+    skipped: bool = False  # fp16 gradients overflowed: no update, and a lower loss scale
 
 
 class Trainer:
@@ -69,20 +76,33 @@ class Trainer:
         # The tied embedding has two copies when the first and last stage are on different ranks.
         self.tied_copies = self.schedule.stage_ranks[0] != self.schedule.stage_ranks[-1]
 
+        train = config.train
         self.chunks = build_chunks(config.model, mesh.tp, self.stages, self.layer_ranges,
-                                   dtype=self.dtype, device=self.device)
-        initialize(self.chunks, config.model, config.train.seed, mesh.tp)
+                                   dtype=self.dtype, device=self.device,
+                                   sequence_parallel=layout.sequence_parallel,
+                                   recompute=train.recompute, recompute_layers=train.recompute_layers)
+        initialize(self.chunks, config.model, train.seed, mesh.tp)
         self.named_params = list(named_parameters(self.chunks))
         self.params = [p for _, p in self.named_params]
-        self.grads = GradientBuffer(self.params, mesh.dp)
-        self.optimizer = build_optimizer(self.named_params, config.train)
+        self.optimizer = build_optimizer(self.named_params, train, mesh.dp)
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.grads = self.optimizer.grads
+        else:
+            self.grads = GradientBuffer(self.params, mesh.dp)
+        self.autocast_dtype = autocast_dtype(train.mixed_precision)
+        # NOTE: checkpoints do not store the loss scale; a resumed fp16 run starts again from the
+        # initial scale and lowers it at the first overflow.
+        self.loss_scaler = DynamicLossScaler() if train.mixed_precision == "fp16" else None
 
-        self.batches = TokenBatches(tokens, config.seq_len, config.data.val_fraction, config.train.seed)
-        self.local_batch = config.train.global_batch // layout.dp
+        self.batches = TokenBatches(tokens, config.seq_len, config.data.val_fraction, train.seed)
+        self.local_batch = train.global_batch // layout.dp
         self.micro_batch = config.micro_batch_size
+        # Stages pass the residual stream: (b, s, h), or (b, s / tp, h) with sequence parallelism,
+        # in the parameter dtype (autocast leaves the residual stream in fp32).
+        local_seq = config.seq_len // mesh.tp.size if layout.sequence_parallel else config.seq_len
         self.runtime = PipelineRuntime(
             mesh.pp, mesh.pp_rank, self._forward, self._first_inputs,
-            activation_shape=(self.micro_batch, config.seq_len, config.model.n_embd),
+            activation_shape=(self.micro_batch, local_seq, config.model.n_embd),
             dtype=self.dtype, device=self.device,
         )
         self.step = 0
@@ -95,25 +115,47 @@ class Trainer:
 
     def train_step(self) -> StepStats:
         step = self.step
-        self._load_microbatches(*self.batches.train_batch(step, self.config.train.global_batch))
+        loss_scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        loss = self.compute_gradients()
+
+        norm = float(global_grad_norm(self.named_params, self.mesh, self.holds_first_stage,
+                                      self.optimizer)) / loss_scale
+        lr = learning_rate(step, self.config.train)
+        skipped = self.loss_scaler is not None and not self.loss_scaler.update(norm)
+        if skipped:
+            if self.mesh.rank == 0:
+                log.warning("step %d: fp16 gradients overflowed; skipped the update and lowered the "
+                            "loss scale to %g", step + 1, self.loss_scaler.scale)
+        else:
+            clip_and_unscale(update_gradients(self.params, self.optimizer), norm,
+                             self.config.train.grad_clip, loss_scale)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+
+        self.step += 1
+        return StepStats(step, loss, lr, norm, skipped)
+
+    def compute_gradients(self) -> float:
+        """Run the forward and backward passes of step `self.step` and reduce the gradients
+        (tied embedding, sequence parallelism, dp); return the loss of the global batch.
+
+        The gradients keep the fp16 loss scale, if any.
+        """
+        self._load_microbatches(*self.batches.train_batch(self.step, self.config.train.global_batch))
         self.grads.zero()
 
         self._training = True
-        self.runtime.step = step
+        self.runtime.step = self.step
         local_loss = self.runtime.run(self.schedule, train=True)
 
         self._sum_tied_embedding_grads()
-        self.grads.average()
-        norm = global_grad_norm(self.named_params, self.mesh, self.holds_first_stage)
-        clip_gradients(self.params, norm, self.config.train.grad_clip)
-
-        lr = learning_rate(step, self.config.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-
-        self.step += 1
-        return StepStats(step, self._global_loss(local_loss), lr, float(norm))
+        sum_sequence_parallel_grads(self.params, self.mesh.tp)
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.reduce_gradients()
+        else:
+            self.grads.average()
+        return self._global_loss(local_loss) / self._loss_scale()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -148,11 +190,19 @@ class Trainer:
             step=self.step,
             sample_offset=self.mesh.dp_rank * self.local_batch + microbatch * self.micro_batch,
             global_batch=self.config.train.global_batch,
-            loss_scale=1.0 / (self.local_batch * self.config.seq_len),
+            loss_scale=self._loss_scale() / (self.local_batch * self.config.seq_len),
             training=self._training,
         )
         targets = self._targets[microbatch] if chunk.last else None
-        return chunk(inputs, ctx, targets)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            return chunk(inputs, ctx, targets)
+
+    def _loss_scale(self) -> float:
+        """Return the factor of fp16 loss scaling in training steps (1 otherwise)."""
+        if self.loss_scaler is None or not self._training:
+            return 1.0
+        return self.loss_scaler.scale
 
     def _sum_tied_embedding_grads(self) -> None:
         if not self.tied_copies or not (self.holds_first_stage or self.holds_last_stage):
@@ -174,6 +224,17 @@ class Trainer:
     def gather_model(self) -> dict | None:
         """Return every parameter as a full tensor under its global name, on global rank 0."""
         return state.gather_model(self.named_params, self.mesh)
+
+    def gather_gradients(self) -> dict | None:
+        """Return every gradient as a full tensor under its global name, on global rank 0.
+
+        Call after `compute_gradients`. Not available with the distributed optimizer, whose
+        ranks keep only their shard of the reduced gradients.
+        """
+        if isinstance(self.optimizer, DistributedOptimizer):
+            raise RuntimeError("gather_gradients needs whole gradients on every replica; the "
+                               "distributed optimizer keeps only a shard of them per dp rank")
+        return state.gather_gradients(self.named_params, self.mesh)
 
     def gather_optimizer(self) -> dict | None:
         return state.gather_optimizer(self.optimizer, self.named_params, self.mesh)
