@@ -1,0 +1,166 @@
+"""Run a benchmark sweep and write its results.
+
+    python benchmarks/run.py benchmarks/sweeps/peers.yaml --out runs/bench
+
+Every point of the sweep runs as its own job of new local processes (one per rank, gloo on the
+CPU). Before the points, one process per distinct core count measures the matmul peak that MFU is
+reported against. microtron's single-process model gives the reference losses of each workload;
+each point's losses are checked against them before its time is reported. The output folder
+receives results.csv, results.md, results.json and the PNG plots, rewritten after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import report  # noqa: E402
+from benchmarks.microtron_job import microtron_job  # noqa: E402
+from benchmarks.peers import JOBS  # noqa: E402
+from benchmarks.results import loss_mismatch, summarize  # noqa: E402
+from benchmarks.sweep import Point, SweepError, load_sweep  # noqa: E402
+from benchmarks.workload import DTYPES  # noqa: E402
+from parallel.launch import RankFailure, run_ranks  # noqa: E402
+
+log = logging.getLogger("microtron.benchmarks")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="sweep YAML file, such as benchmarks/sweeps/peers.yaml")
+    parser.add_argument("--out", required=True, help="folder for results.csv, results.md and plots")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the points whose label contains TEXT (repeatable)")
+    parser.add_argument("--timeout-s", type=float, default=300.0,
+                        help="process-group timeout of each job in seconds (default 300)")
+    return parser.parse_args(argv)
+
+
+def matmul_peak_job(rank: int, world_size: int, dtype_name: str) -> float:
+    """Return the best FLOP/s of square matmuls on this process's threads."""
+    dtype = DTYPES[dtype_name]
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.mm(a, b)
+        repeats = max(1, int(1e10 / (2 * n**3)))
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                torch.mm(a, b, out=c)
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def machine_context(argv: list[str]) -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv),
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{model}, {os.cpu_count()} cores visible, {platform.system()}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load average at start (1 min)": f"{os.getloadavg()[0]:.2f}",
+    }
+
+
+def _order(points: list[Point]) -> list[Point]:
+    """Put microtron's single-process points first: the first of them gives the reference losses."""
+    return sorted(points, key=lambda p: not (p.impl == "microtron" and p.world_size == 1))
+
+
+def _run_point(point: Point, workload, timeout_s: float):
+    job = microtron_job if point.impl == "microtron" else JOBS[point.impl]
+    return run_ranks(job, point.world_size, (point.job_args(), workload.to_dict()),
+                     timeout_s=timeout_s, threads_per_rank=point.threads)
+
+
+def _reference_losses(workload, timeout_s: float) -> list[float]:
+    point = Point(workload=workload.name, impl="microtron", threads=os.cpu_count() or 1)
+    log.info("%s: reference losses from %s", workload.name, point.label)
+    return _run_point(point, workload, timeout_s)[0]["losses"]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        sweep = load_sweep(args.sweep)
+    except (OSError, SweepError) as error:
+        log.error("%s", error)
+        return 2
+    points = [p for p in _order(sweep.points) if not args.only or any(t in p.label for t in args.only)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    context = machine_context(argv)
+    began = time.monotonic()
+
+    peaks = {}
+    for cores, dtype in sorted({(p.cores, sweep.workloads[p.workload].dtype) for p in points}):
+        peaks[(cores, dtype)] = run_ranks(matmul_peak_job, 1, (dtype,), threads_per_rank=cores)[0]
+        context[f"matmul peak, {cores} core(s), {dtype}"] = f"{peaks[(cores, dtype)] / 1e9:.1f} GFLOP/s"
+        log.info("matmul peak on %d core(s), %s: %.1f GFLOP/s", cores, dtype, peaks[(cores, dtype)] / 1e9)
+
+    references: dict[str, list[float]] = {}
+    rows = []
+    for index, point in enumerate(points, 1):
+        workload = sweep.workloads[point.workload]
+        row = {"point": point}
+        try:
+            if point.workload not in references and not (point.impl == "microtron"
+                                                         and point.world_size == 1):
+                references[point.workload] = _reference_losses(workload, args.timeout_s)
+            ranks = _run_point(point, workload, args.timeout_s)
+        except RankFailure as error:
+            row["status"] = "failed: " + str(error).strip().splitlines()[-1][:200]
+            log.error("[%d/%d] %s failed:\n%s", index, len(points), point.label, error)
+        else:
+            reference = references.setdefault(point.workload, ranks[0]["losses"])
+            checked = workload.warmup_steps + workload.timed_steps
+            mismatch = loss_mismatch(ranks[0]["losses"][:checked], reference[:checked])
+            if mismatch:
+                row["status"] = f"loss mismatch: {mismatch}"
+            else:
+                row["status"] = "ok"
+                row.update(summarize(point, workload, ranks, peaks[(point.cores, workload.dtype)]))
+            log.info("[%d/%d] %s: %s", index, len(points), point.label,
+                     f"{row['step_s']:.3f} s/step" if "step_s" in row else row["status"])
+        rows.append(row)
+        _write(out, rows, context, plots=False)
+
+    context["sweep time"] = f"{time.monotonic() - began:.0f} s"
+    context["load average at end (1 min)"] = f"{os.getloadavg()[0]:.2f}"
+    _write(out, rows, context, plots=True)
+    log.info("wrote %s", out / "results.md")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _write(out: Path, rows: list[dict], context: dict, plots: bool) -> None:
+    report.add_baseline_ratios(rows)
+    report.write_csv(out / "results.csv", rows)
+    report.write_json(out / "results.json", rows, context)
+    names = report.write_plots(out, rows) if plots else None
+    (out / "results.md").write_text(report.markdown(rows, context, names))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
