@@ -44,11 +44,11 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
             losses.append(trainer.train_step().loss)
 
     reset_peak_memory(device)
-    seconds = run_steps(step, workload.warmup_steps + workload.timed_steps)
+    seconds = run_steps(step, workload)
     memory = peak_memory_mib(device)
     records = _record_last_step(trainer, losses)
 
-    timed = workload.timed_steps
+    timed = len(seconds) - workload.warmup_steps
     collective = sum(t for (op, _), t in ledger.seconds.items() if op not in P2P_OPS)
     return {
         "coordinates": (mesh.tp_rank, mesh.pp_rank, mesh.dp_rank),
@@ -65,11 +65,11 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
 
 
 def _record_last_step(trainer: Trainer, losses: list[float]):
-    """Run one more step with action recording on; return its records, or None when the
-    runtime cannot record (or this rank is not tp 0, dp 0, which records for its pipeline)."""
+    """Run one more step with action recording on; return its records. Return None without
+    that step when the runtime cannot record, and None after it on ranks other than tp 0, dp 0
+    (which record for their pipeline)."""
     runtime = trainer.runtime
     if not hasattr(runtime, "record"):
-        losses.append(trainer.train_step().loss)
         return None
     runtime.record = True
     losses.append(trainer.train_step().loss)

@@ -105,7 +105,7 @@ def torch_job(rank: int, world_size: int, point: dict, workload_dict: dict) -> d
         losses.append(total)
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload.warmup_steps + workload.timed_steps)
+    seconds = run_steps(step, workload)
     return _result(seconds, losses, peak_memory_mib(CPU))
 
 
@@ -176,7 +176,7 @@ def pipelining_job(rank: int, world_size: int, point: dict, workload_dict: dict)
         losses.append(float(loss))
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload.warmup_steps + workload.timed_steps)
+    seconds = run_steps(step, workload)
     return _result(seconds, losses, peak_memory_mib(CPU))
 
 
@@ -228,7 +228,7 @@ def tensor_parallel_job(rank: int, world_size: int, point: dict, workload_dict: 
         losses.append(total)
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload.warmup_steps + workload.timed_steps)
+    seconds = run_steps(step, workload)
     return _result(seconds, losses, peak_memory_mib(CPU))
 
 

@@ -180,18 +180,28 @@ def _draw_step_times(plt, rows: list[dict], workload: str):
 
 
 def _draw_scaling(plt, rows: list[dict], workload: str):
-    """Tokens per second against the cores a point uses, one line per implementation and layout."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    """Tokens per second against the cores a point uses, one line per implementation and layout,
+    with linear scaling from plain PyTorch on one thread for reference."""
+    figure, axes = plt.subplots(figsize=(8, 5))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         point = row["point"]
         series.setdefault(point.layout_label, []).append((point.cores, row["tokens_per_s"]))
-    for key, values in series.items():
+    colours = plt.get_cmap("tab20").colors
+    markers = "os^vD<>ph*"
+    for index, (key, values) in enumerate(series.items()):
         values.sort()
-        axes.plot([c for c, _ in values], [t for _, t in values], marker="o", label=key)
+        axes.plot([c for c, _ in values], [t for _, t in values], label=key,
+                  color=colours[index % len(colours)], marker=markers[index % len(markers)])
+    cores = sorted({c for values in series.values() for c, _ in values})
+    base = series.get("torch", [])
+    if base and base[0][0] == 1:
+        axes.plot(cores, [base[0][1] * c for c in cores], color="black", linestyle="--",
+                  linewidth=0.8, label="linear from torch, 1 thread")
+    axes.set_xticks(cores)
     axes.set_xlabel("cores (ranks x threads per rank)")
     axes.set_ylabel("tokens / s")
     axes.set_title(f"{workload}: throughput")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes.grid(alpha=0.3)
     return figure

@@ -22,13 +22,17 @@ from benchmarks.workload import Workload
 LOSS_RTOL = 1e-4  # fp32 losses of one model agree this closely over a few steps (see README)
 
 
-def loss_mismatch(losses: list[float], reference: list[float]) -> str | None:
-    """Return a description of the first step whose loss differs from the reference, or None."""
+def loss_mismatch(losses: list[float], reference: list[float], min_steps: int) -> str | None:
+    """Return a description of the first step whose loss differs from the reference, or None.
+
+    Steps beyond the shorter list are not compared (a point may stop its timed steps early), but
+    at least `min_steps` must be.
+    """
+    if min(len(losses), len(reference)) < min_steps:
+        return f"{len(losses)} losses against {len(reference)} of microtron; {min_steps} needed"
     for step, (loss, expected) in enumerate(zip(losses, reference)):
         if not math.isclose(loss, expected, rel_tol=LOSS_RTOL):
             return f"step {step}: loss {loss:.6f}, microtron {expected:.6f}"
-    if len(losses) < len(reference):
-        return f"{len(losses)} losses, expected {len(reference)}"
     return None
 
 

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+# Import from the repository root, not from this folder, whose module names are not unique
+# (the rank processes inherit this path).
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
             log.error("[%d/%d] %s failed:\n%s", index, len(points), point.label, error)
         else:
             reference = references.setdefault(point.workload, ranks[0]["losses"])
-            checked = workload.warmup_steps + workload.timed_steps
-            mismatch = loss_mismatch(ranks[0]["losses"][:checked], reference[:checked])
+            mismatch = loss_mismatch(ranks[0]["losses"], reference, workload.warmup_steps + 1)
             if mismatch:
                 row["status"] = f"loss mismatch: {mismatch}"
             else:

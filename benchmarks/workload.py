@@ -38,13 +38,16 @@ class Workload:
     dtype: str = "float32"
     warmup_steps: int = 2  # run, checked, not timed
     timed_steps: int = 5
+    # Timed steps stop early once the point has run this long, after at least 2 timed steps, so
+    # that a point slowed down by other processes on the machine cannot stall the sweep.
+    max_point_s: float = 60.0
     seed: int = 1234
     lr: float = 1e-3
     train: dict = field(default_factory=dict)  # other TrainConfig fields, such as grad_clip
 
     @property
     def total_steps(self) -> int:
-        """Return the steps a job runs: warm-up, timed, and one recorded step at the end."""
+        """Return the most steps a job runs: warm-up, timed, and one recorded step at the end."""
         return self.warmup_steps + self.timed_steps + 1
 
     def run_config(self, tp: int = 1, pp: int = 1, dp: int = 1, schedule: str = "1f1b",
@@ -114,16 +117,25 @@ def full_weights(workload: Workload) -> dict[str, torch.Tensor]:
 # Timing and memory
 
 
-def run_steps(step, num_steps: int, group=None) -> list[float]:
-    """Call `step(index)` `num_steps` times; return each call's seconds on this rank.
+MIN_TIMED_STEPS = 2
 
-    Every rank waits at a barrier before each step, so that a step's time on the slowest rank is
-    the time of the whole step.
+
+def run_steps(step, workload: Workload) -> list[float]:
+    """Call `step(index)` for the warm-up and timed steps; return each call's seconds here.
+
+    Before each step the ranks agree on the time spent so far (an all-reduce of the maximum,
+    which is also a barrier), so that a step's time on the slowest rank is the time of the whole
+    step and every rank stops after the same step once `workload.max_point_s` has passed.
     """
     seconds = []
-    for index in range(num_steps):
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.barrier(group=group)
+    began = time.perf_counter()
+    for index in range(workload.warmup_steps + workload.timed_steps):
+        elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        timed_done = index - workload.warmup_steps
+        if timed_done >= MIN_TIMED_STEPS and float(elapsed) > workload.max_point_s:
+            break
         start = time.perf_counter()
         step(index)
         seconds.append(time.perf_counter() - start)
