@@ -1,9 +1,9 @@
 """One benchmark point of microtron: train the workload in a layout on local gloo ranks.
 
 Each rank trains `workload.total_steps` steps. The timed steps run inside a communication
-ledger, which counts the ops and times how long the rank is blocked in them. When the pipeline
-runtime can record action times (a `record` attribute), the last step is recorded for the
-measured bubble; that step is not timed.
+ledger, which counts the ops and times how long the rank is blocked in them. When there is a
+pipeline and its runtime can record action times (a `record` attribute), one more step is
+recorded for the measured bubble; that step is not timed.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
 
 def _record_last_step(trainer: Trainer, losses: list[float]):
     """Run one more step with action recording on; return its records. Return None without
-    that step when the runtime cannot record, and None after it on ranks other than tp 0, dp 0
-    (which record for their pipeline)."""
+    that step when there is no pipeline or the runtime cannot record, and None after it on
+    ranks other than tp 0, dp 0 (which record for their pipeline)."""
     runtime = trainer.runtime
-    if not hasattr(runtime, "record"):
+    if trainer.config.layout.pp == 1 or not hasattr(runtime, "record"):
         return None
     runtime.record = True
     losses.append(trainer.train_step().loss)

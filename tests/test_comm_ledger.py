@@ -176,13 +176,22 @@ def test_ledger_matches_closed_forms(tp, pp, dp):
     _check_ledger(_overrides(tp, pp, dp))
 
 
-@pytest.mark.skipif("interleaved-1f1b" not in SCHEDULES,
-                    reason="the interleaved 1F1B schedule is not in this version's schedule zoo")
-def test_ledger_interleaved_pp2_v2():
-    results = _check_ledger(_overrides(1, 2, 1, "interleaved-1f1b", virtual_stages=2))
+_ZOO_CASES = [  # (schedule, tp, virtual stages, sends per micro-batch on each rank)
     # Stages 0 and 2 on rank 0, 1 and 3 on rank 1: three boundaries cross, in both directions.
+    ("interleaved-1f1b", 1, 2, 3),
+    # The I action runs the TP all-reduces of the input gradients, the W action none.
+    ("zb-h1", 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("schedule,tp,virtual_stages,sends", _ZOO_CASES,
+                         ids=[case[0] for case in _ZOO_CASES])
+def test_ledger_schedule_zoo_pp2(schedule, tp, virtual_stages, sends):
+    if schedule not in SCHEDULES:
+        pytest.skip(f"schedule {schedule!r} is not in this version's schedule zoo")
+    results = _check_ledger(_overrides(tp, 2, 1, schedule, virtual_stages))
     for info in results:
-        assert info["rows"][("send", "pp")][0] == 3 * MICRO_BATCHES
+        assert info["rows"][("send", "pp")][0] == sends * MICRO_BATCHES
 
 
 def test_ledger_times_only_while_recording():
