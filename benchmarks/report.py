@@ -18,7 +18,7 @@ log = logging.getLogger("microtron.benchmarks")
 
 COLUMNS = (
     "workload", "label", "impl", "tp", "pp", "dp", "schedule", "virtual_stages", "micro_batches",
-    "layers_per_stage", "threads", "ranks", "status", "step_s", "step_s_min", "step_s_max",
+    "layers_per_stage", "threads", "ranks", "status", "step_s", "step_s_min", "step_s_max", "step_s_rounds",
     "tokens_per_s", "model_gflops", "mfu", "vs_torch_1_thread", "comm_share",
     "pipeline_wait_share", "comm_mib_per_step", "bubble", "bubble_sim", "peak_memory_mib",
 )
@@ -116,7 +116,10 @@ def _markdown_row(row: dict) -> str:
     if row.get("bubble") is not None:
         bubble = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(row["bubble"], row["bubble_sim"]))
     ratio = row.get("vs_torch_1_thread")
-    return (head + f" {row['step_s']:.3f} ({row['step_s_min']:.3f}-{row['step_s_max']:.3f}) |"
+    rounds = row.get("step_s_rounds") or []
+    each_round = "; rounds " + " ".join(f"{s:.3f}" for s in rounds) if len(rounds) > 1 else ""
+    return (head + f" {row['step_s']:.3f} ({row['step_s_min']:.3f}-{row['step_s_max']:.3f}"
+            f"{each_round}) |"
             f" {row['tokens_per_s']:.0f} | {row['model_gflops']:.1f} | {_percent(row.get('mfu'))} |"
             f" {'' if ratio is None else f'{ratio:.2f}x'} |"
             f" {_percent(_mean(row.get('comm_share')))} |"

@@ -7,6 +7,8 @@ CPU). Before the points, one process per distinct core count measures the matmul
 reported against. microtron's single-process model gives the reference losses of each workload;
 each point's losses are checked against them before its time is reported. The output folder
 receives results.csv, results.md, results.json and the PNG plots, rewritten after every point.
+With `--rounds N` the whole sweep runs N times, so that a burst of load from other processes
+spoils one round of a point rather than its result.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for results.csv, results.md and plots")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="run only the points whose label contains TEXT (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every point this many times, round after round, and report "
+                             "the round with the median step time (default 1)")
     parser.add_argument("--timeout-s", type=float, default=300.0,
                         help="process-group timeout of each job in seconds (default 300)")
     return parser.parse_args(argv)
@@ -100,6 +105,59 @@ def _reference_losses(workload, timeout_s: float) -> list[float]:
     return _run_point(point, workload, timeout_s)[0]["losses"]
 
 
+class _Runner:
+    """Runs the points of a sweep, round after round, and keeps every round's summary."""
+
+    def __init__(self, sweep, points: list[Point], peaks: dict, timeout_s: float):
+        self.sweep = sweep
+        self.points = points
+        self.peaks = peaks
+        self.timeout_s = timeout_s
+        self.references: dict[str, list[float]] = {}
+        self.summaries: dict[Point, list[dict]] = {point: [] for point in points}
+        self.status: dict[Point, str] = {}
+
+    def run(self, point: Point, where: str) -> None:
+        """Run one round of `point` unless an earlier round failed; log and keep its summary."""
+        if self.status.get(point, "ok") != "ok":
+            return
+        workload = self.sweep.workloads[point.workload]
+        try:
+            if point.workload not in self.references and not (
+                    point.impl == "microtron" and point.world_size == 1):
+                self.references[point.workload] = _reference_losses(workload, self.timeout_s)
+            ranks = _run_point(point, workload, self.timeout_s)
+        except RankFailure as error:
+            self.status[point] = "failed: " + str(error).strip().splitlines()[-1][:200]
+            log.error("%s %s failed:\n%s", where, point.label, error)
+            return
+        reference = self.references.setdefault(point.workload, ranks[0]["losses"])
+        mismatch = loss_mismatch(ranks[0]["losses"], reference, workload.warmup_steps + 1)
+        if mismatch:
+            self.status[point] = f"loss mismatch: {mismatch}"
+            log.error("%s %s: %s", where, point.label, self.status[point])
+            return
+        self.status[point] = "ok"
+        summary = summarize(point, workload, ranks, self.peaks[(point.cores, workload.dtype)])
+        self.summaries[point].append(summary)
+        log.info("%s %s: %.3f s/step", where, point.label, summary["step_s"])
+
+    def rows(self) -> list[dict]:
+        """Return one row per point run so far: the round with the median step time, and the
+        step time of every round."""
+        rows = []
+        for point in self.points:
+            if point not in self.status:
+                continue
+            row = {"point": point, "status": self.status[point]}
+            summaries = sorted(self.summaries[point], key=lambda s: s["step_s"])
+            if summaries and row["status"] == "ok":
+                row.update(summaries[(len(summaries) - 1) // 2])
+                row["step_s_rounds"] = [s["step_s"] for s in self.summaries[point]]
+            rows.append(row)
+        return rows
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -108,6 +166,9 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.sweep)
     except (OSError, SweepError) as error:
         log.error("%s", error)
+        return 2
+    if args.rounds < 1:
+        log.error("--rounds %d must be at least 1", args.rounds)
         return 2
     points = [p for p in _order(sweep.points) if not args.only or any(t in p.label for t in args.only)]
     out = Path(args.out)
@@ -121,34 +182,15 @@ def main(argv=None) -> int:
         context[f"matmul peak, {cores} core(s), {dtype}"] = f"{peaks[(cores, dtype)] / 1e9:.1f} GFLOP/s"
         log.info("matmul peak on %d core(s), %s: %.1f GFLOP/s", cores, dtype, peaks[(cores, dtype)] / 1e9)
 
-    references: dict[str, list[float]] = {}
-    rows = []
-    for index, point in enumerate(points, 1):
-        workload = sweep.workloads[point.workload]
-        row = {"point": point}
-        try:
-            if point.workload not in references and not (point.impl == "microtron"
-                                                         and point.world_size == 1):
-                references[point.workload] = _reference_losses(workload, args.timeout_s)
-            ranks = _run_point(point, workload, args.timeout_s)
-        except RankFailure as error:
-            row["status"] = "failed: " + str(error).strip().splitlines()[-1][:200]
-            log.error("[%d/%d] %s failed:\n%s", index, len(points), point.label, error)
-        else:
-            reference = references.setdefault(point.workload, ranks[0]["losses"])
-            mismatch = loss_mismatch(ranks[0]["losses"], reference, workload.warmup_steps + 1)
-            if mismatch:
-                row["status"] = f"loss mismatch: {mismatch}"
-            else:
-                row["status"] = "ok"
-                row.update(summarize(point, workload, ranks, peaks[(point.cores, workload.dtype)]))
-            log.info("[%d/%d] %s: %s", index, len(points), point.label,
-                     f"{row['step_s']:.3f} s/step" if "step_s" in row else row["status"])
-        rows.append(row)
-        _write(out, rows, context, plots=False)
+    runner = _Runner(sweep, points, peaks, args.timeout_s)
+    for round_index in range(args.rounds):
+        for index, point in enumerate(points, 1):
+            runner.run(point, f"[round {round_index + 1}/{args.rounds}, {index}/{len(points)}]")
+            _write(out, runner.rows(), context, plots=False)
 
     context["sweep time"] = f"{time.monotonic() - began:.0f} s"
     context["load average at end (1 min)"] = f"{os.getloadavg()[0]:.2f}"
+    rows = runner.rows()
     _write(out, rows, context, plots=True)
     log.info("wrote %s", out / "results.md")
     return 0 if all(row["status"] == "ok" for row in rows) else 1

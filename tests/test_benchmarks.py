@@ -77,7 +77,7 @@ def test_runner_checks_peers_and_writes_reports(tmp_path):
         {"impl": "microtron", "tp": 2},
     ])
     out = tmp_path / "out"
-    assert run.main([str(sweep), "--out", str(out), "--timeout-s", "60"]) == 0
+    assert run.main([str(sweep), "--out", str(out), "--rounds", "2", "--timeout-s", "60"]) == 0
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -87,6 +87,7 @@ def test_runner_checks_peers_and_writes_reports(tmp_path):
         assert float(row["step_s"]) > 0, row["label"]
         assert float(row["mfu"]) > 0, row["label"]
         assert len(row["peak_memory_mib"].split()) == int(row["ranks"]), row["label"]
+        assert len(row["step_s_rounds"].split()) == 2, row["label"]
     microtron_tp = next(r for r in rows if r["label"].startswith("microtron tp2"))
     assert len(microtron_tp["comm_share"].split()) == 2
     assert float(microtron_tp["comm_mib_per_step"].split()[0]) > 0
