@@ -44,7 +44,7 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
             losses.append(trainer.train_step().loss)
 
     reset_peak_memory(device)
-    seconds = run_steps(step, workload)
+    seconds, cpu_seconds = run_steps(step, workload)
     memory = peak_memory_mib(device)
     records = _record_last_step(trainer, losses)
 
@@ -53,6 +53,7 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
     return {
         "coordinates": (mesh.tp_rank, mesh.pp_rank, mesh.dp_rank),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "losses": losses,
         "peak_memory_mib": memory,
         "collective_seconds": collective / timed,

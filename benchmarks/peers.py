@@ -75,8 +75,9 @@ def _squared_sum(tensors) -> torch.Tensor:
     return total
 
 
-def _result(seconds, losses, memory) -> dict:
-    return {"seconds": seconds, "losses": losses, "peak_memory_mib": memory}
+def _result(seconds, cpu_seconds, losses, memory) -> dict:
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "losses": losses,
+            "peak_memory_mib": memory}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +106,8 @@ def torch_job(rank: int, world_size: int, point: dict, workload_dict: dict) -> d
         losses.append(total)
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload)
-    return _result(seconds, losses, peak_memory_mib(CPU))
+    seconds, cpu_seconds = run_steps(step, workload)
+    return _result(seconds, cpu_seconds, losses, peak_memory_mib(CPU))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,8 +177,8 @@ def pipelining_job(rank: int, world_size: int, point: dict, workload_dict: dict)
         losses.append(float(loss))
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload)
-    return _result(seconds, losses, peak_memory_mib(CPU))
+    seconds, cpu_seconds = run_steps(step, workload)
+    return _result(seconds, cpu_seconds, losses, peak_memory_mib(CPU))
 
 
 def _unique_named_parameters(modules: dict[int, nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -228,8 +229,8 @@ def tensor_parallel_job(rank: int, world_size: int, point: dict, workload_dict: 
         losses.append(total)
 
     reset_peak_memory(CPU)
-    seconds = run_steps(step, workload)
-    return _result(seconds, losses, peak_memory_mib(CPU))
+    seconds, cpu_seconds = run_steps(step, workload)
+    return _result(seconds, cpu_seconds, losses, peak_memory_mib(CPU))
 
 
 def _tensor_parallel_squared_norm(named) -> torch.Tensor:

@@ -19,7 +19,7 @@ log = logging.getLogger("microtron.benchmarks")
 COLUMNS = (
     "workload", "label", "impl", "tp", "pp", "dp", "schedule", "virtual_stages", "micro_batches",
     "layers_per_stage", "threads", "ranks", "status", "step_s", "step_s_min", "step_s_max", "step_s_rounds",
-    "tokens_per_s", "model_gflops", "mfu", "vs_torch_1_thread", "comm_share",
+    "tokens_per_s", "cpu_s", "cpu_busy", "model_gflops", "mfu", "vs_torch_1_thread", "comm_share",
     "pipeline_wait_share", "comm_mib_per_step", "bubble", "bubble_sim", "peak_memory_mib",
 )
 
@@ -80,10 +80,10 @@ def markdown(rows: list[dict], context: dict, plots: list[str] | None) -> str:
     lines += [f"- {key}: {value}" for key, value in context.items()]
     for workload in dict.fromkeys(r["point"].workload for r in rows):
         lines += ["", f"## {workload}", "",
-                  "| point | ranks x threads | step s (min-max) | tokens/s | model GFLOP/s | MFU | "
-                  "vs torch 1 thread | comm share | pipeline wait | bubble (measured / simulated) "
-                  "| peak MiB per rank | loss check |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| point | ranks x threads | step s (min-max) | tokens/s | CPU s (busy) | "
+                  "model GFLOP/s | MFU | vs torch 1 thread | comm share | pipeline wait | "
+                  "bubble (measured / simulated) | peak MiB per rank | loss check |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["point"].workload == workload):
             lines.append(_markdown_row(row))
     lines += ["", "## Targets", "", "| workload | target | ours | peer | ratio | limit | met |",
@@ -111,7 +111,7 @@ def _markdown_row(row: dict) -> str:
     point = row["point"]
     head = f"| {point.label} | {point.world_size} x {point.threads} |"
     if row.get("step_s") is None:
-        return head + " |" * 9 + f" {row['status']} |"
+        return head + " |" * 10 + f" {row['status']} |"
     bubble = ""
     if row.get("bubble") is not None:
         bubble = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(row["bubble"], row["bubble_sim"]))
@@ -120,7 +120,8 @@ def _markdown_row(row: dict) -> str:
     each_round = "; rounds " + " ".join(f"{s:.3f}" for s in rounds) if len(rounds) > 1 else ""
     return (head + f" {row['step_s']:.3f} ({row['step_s_min']:.3f}-{row['step_s_max']:.3f}"
             f"{each_round}) |"
-            f" {row['tokens_per_s']:.0f} | {row['model_gflops']:.1f} | {_percent(row.get('mfu'))} |"
+            f" {row['tokens_per_s']:.0f} | {row['cpu_s']:.2f} ({_percent(row['cpu_busy'])}) |"
+            f" {row['model_gflops']:.1f} | {_percent(row.get('mfu'))} |"
             f" {'' if ratio is None else f'{ratio:.2f}x'} |"
             f" {_percent(_mean(row.get('comm_share')))} |"
             f" {_percent(_mean(row.get('pipeline_wait_share')))} | {bubble} |"

@@ -3,6 +3,9 @@
 A step's time is the time of its slowest rank (every rank starts a step at a barrier), and a
 point's step time is the median over its timed steps. Shares are per rank, over that step time:
 
+  CPU s: the CPU time of all ranks' processes in a step (median per rank, summed), and CPU busy
+    that over step time x cores: below 1 where ranks wait (bubbles, communication) or where
+    other processes on the machine take the cores;
   comm share: time blocked in collectives (the ledger's timing, microtron only);
   pipeline wait: time blocked waiting for point-to-point transfers, which on a pipeline includes
     the bubble (waiting for the other stage to compute) as well as the transfer itself;
@@ -40,12 +43,15 @@ def summarize(point: Point, workload: Workload, ranks: list[dict], peak_flops: f
     """Return the row of figures of one finished job."""
     timed = [max(steps) for steps in zip(*(r["seconds"][workload.warmup_steps:] for r in ranks))]
     step_s = statistics.median(timed)
+    cpu_s = sum(statistics.median(r["cpu_seconds"][workload.warmup_steps:]) for r in ranks)
     flops = workload.model_flops_per_step() / step_s
     row = {
         "step_s": step_s,
         "step_s_min": min(timed),
         "step_s_max": max(timed),
         "tokens_per_s": workload.global_batch * workload.seq_len / step_s,
+        "cpu_s": cpu_s,
+        "cpu_busy": cpu_s / (step_s * point.cores),
         "model_gflops": flops / 1e9,
         "mfu": flops / peak_flops if peak_flops else None,
         "peak_memory_mib": [r["peak_memory_mib"] for r in ranks],

@@ -85,7 +85,19 @@ def machine_context(argv: list[str]) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load average at start (1 min)": f"{os.getloadavg()[0]:.2f}",
+        "CPU pressure at start": cpu_pressure(),
     }
+
+
+def cpu_pressure() -> str:
+    """Return Linux's CPU pressure: the share of time some runnable task waited for a core,
+    over the last 60 s. A busy machine shows tens of percent; an idle one, almost none."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            fields = dict(item.split("=") for item in f.readline().split()[1:])
+        return f"{fields['avg60']}% (some, avg60)"
+    except (OSError, KeyError, ValueError):
+        return "not available"
 
 
 def _order(points: list[Point]) -> list[Point]:
@@ -190,6 +202,7 @@ def main(argv=None) -> int:
 
     context["sweep time"] = f"{time.monotonic() - began:.0f} s"
     context["load average at end (1 min)"] = f"{os.getloadavg()[0]:.2f}"
+    context["CPU pressure at end"] = cpu_pressure()
     rows = runner.rows()
     _write(out, rows, context, plots=True)
     log.info("wrote %s", out / "results.md")

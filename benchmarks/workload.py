@@ -120,14 +120,15 @@ def full_weights(workload: Workload) -> dict[str, torch.Tensor]:
 MIN_TIMED_STEPS = 2
 
 
-def run_steps(step, workload: Workload) -> list[float]:
-    """Call `step(index)` for the warm-up and timed steps; return each call's seconds here.
+def run_steps(step, workload: Workload) -> tuple[list[float], list[float]]:
+    """Call `step(index)` for the warm-up and timed steps; return each call's wall-clock seconds
+    and the CPU seconds this process used in it (all its threads).
 
     Before each step the ranks agree on the time spent so far (an all-reduce of the maximum,
     which is also a barrier), so that a step's time on the slowest rank is the time of the whole
     step and every rank stops after the same step once `workload.max_point_s` has passed.
     """
-    seconds = []
+    seconds, cpu_seconds = [], []
     began = time.perf_counter()
     for index in range(workload.warmup_steps + workload.timed_steps):
         elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
@@ -136,10 +137,11 @@ def run_steps(step, workload: Workload) -> list[float]:
         timed_done = index - workload.warmup_steps
         if timed_done >= MIN_TIMED_STEPS and float(elapsed) > workload.max_point_s:
             break
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(index)
         seconds.append(time.perf_counter() - start)
-    return seconds
+        cpu_seconds.append(time.process_time() - cpu_start)
+    return seconds, cpu_seconds
 
 
 def reset_peak_memory(device: torch.device) -> None:
