@@ -112,7 +112,7 @@ def _run_point(point: Point, workload, timeout_s: float):
 
 
 def _reference_losses(workload, timeout_s: float) -> list[float]:
-    point = Point(workload=workload.name, impl="microtron", threads=os.cpu_count() or 1)
+    point = Point(workload=workload.name, impl="microtron")
     log.info("%s: reference losses from %s", workload.name, point.label)
     return _run_point(point, workload, timeout_s)[0]["losses"]
 
