@@ -2,8 +2,8 @@
 
 Each rank trains `workload.total_steps` steps. The timed steps run inside a communication
 ledger, which counts the ops and times how long the rank is blocked in them. When there is a
-pipeline and its runtime can record action times (a `record` attribute), one more step is
-recorded for the measured bubble; that step is not timed.
+pipeline and its runtime can record action times (a `record` attribute), one more step runs
+with recording on, for the measured bubble. That step is not timed.
 """
 
 from __future__ import annotations

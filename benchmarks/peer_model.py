@@ -91,7 +91,7 @@ def load_full_weights(module: PeerGPT, full: dict[str, torch.Tensor], head_group
     """Copy the full tensors of the module's parameters from `full` (missing names raise).
 
     With `head_groups` > 1, the rows of each fused QKV weight and bias are reordered from
-    [Q | K | V] to [Q_0 K_0 V_0 | Q_1 K_1 V_1 | ...], where group i holds the i-th share of the
+    [Q | K | V] to [Q_0 K_0 V_0 | Q_1 K_1 V_1 | ...], where group i contains the i-th share of the
     heads. An even split of the output features over `head_groups` ranks, as torch's
     ColwiseParallel does, then gives each rank the query, key and value rows of the same heads.
     """

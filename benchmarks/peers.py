@@ -1,9 +1,9 @@
 """The PyTorch peers: the workload trained with PyTorch's own tools, one job per point.
 
-  torch:             plain PyTorch in one process, gradient accumulation over the micro-batches;
-  torch-pipelining:  torch.distributed.pipelining with one of its schedules (PIPELINING_SCHEDULES);
-  torch-tp:          torch.distributed.tensor.parallel, ColwiseParallel and RowwiseParallel on the
-                     linear layers of every block over a one-axis DeviceMesh.
+  torch: plain PyTorch in one process, with gradient accumulation over the micro-batches.
+  torch-pipelining: torch.distributed.pipelining with one of its schedules (PIPELINING_SCHEDULES).
+  torch-tp: torch.distributed.tensor.parallel, with ColwiseParallel and RowwiseParallel on the
+    linear layers of every block, over a one-axis DeviceMesh.
 
 Each step does what microtron's step does: the micro-batches' forward and backward, the tied
 embedding's gradients summed where it has two copies, the global gradient norm, clipping, and

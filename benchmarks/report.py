@@ -1,8 +1,8 @@
 """Write a sweep's rows as CSV, a markdown report, JSON and PNG plots.
 
 Per-rank figures (peak memory, shares, bubbles) are written as space-separated lists in rank
-order in the CSV and JSON. The plots need matplotlib (the `plot` extra); without it the report
-says so and the other files are still written.
+order in the CSV and JSON. The plots need matplotlib (the `plot` extra). Without it the report
+states that it has no plots, and the other files are still written.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[str]:
 
 
 def _draw_step_times(plt, rows: list[dict], workload: str):
-    """Horizontal bars of step time; microtron's split into compute, collectives and
-    pipeline wait (rank means), the peers' drawn whole."""
+    """Draw horizontal bars of step time. microtron's bars are split into compute, collectives
+    and pipeline wait (means over the ranks), and the peers' bars are drawn whole."""
     figure, axes = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.5))
     labels = [r["point"].label for r in rows]
     for y, row in enumerate(rows):
@@ -184,8 +184,8 @@ def _draw_step_times(plt, rows: list[dict], workload: str):
 
 
 def _draw_scaling(plt, rows: list[dict], workload: str):
-    """Tokens per second against the cores a point uses, one line per implementation and layout,
-    with linear scaling from plain PyTorch on one thread for reference."""
+    """Draw tokens per second against the cores a point uses, one line per implementation and
+    layout, with linear scaling from plain PyTorch on one thread for reference."""
     figure, axes = plt.subplots(figsize=(8, 5))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:

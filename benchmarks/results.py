@@ -3,9 +3,9 @@
 A step's time is the time of its slowest rank (every rank starts a step at a barrier), and a
 point's step time is the median over its timed steps. Shares are per rank, over that step time:
 
-  CPU s: the CPU time of all ranks' processes in a step (median per rank, summed), and CPU busy
-    that over step time x cores: below 1 where ranks wait (bubbles, communication) or where
-    other processes on the machine take the cores;
+  CPU s: the CPU time of all ranks' processes in a step (median per rank, summed). CPU busy is
+    that time over step time x cores. It stays below 1 where ranks wait (bubbles,
+    communication) and where other processes on the machine take the cores;
   comm share: time blocked in collectives (the ledger's timing, microtron only);
   pipeline wait: time blocked waiting for point-to-point transfers, which on a pipeline includes
     the bubble (waiting for the other stage to compute) as well as the transfer itself;

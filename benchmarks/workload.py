@@ -2,9 +2,9 @@
 
 A `Workload` fixes the model, the global batch, its split into micro-batches, the dtype and the
 number of warm-up and timed steps. microtron and the PyTorch peers all draw the same batches from
-`TokenBatches` with the workload's seed, start from the same full weights (microtron's
-layout-free initialization), and use the same AdamW settings and learning-rate schedule, so that
-their losses can be compared step by step before their times are.
+`TokenBatches` with the workload's seed and start from the same full weights (microtron's
+layout-free initialization). They also use the same AdamW settings and learning-rate schedule,
+so their losses can be compared step by step before their times are.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class Workload:
         """Return the model FLOPs of one step, without recomputation and without causal halving.
 
         72 B s l h^2 (1 + s/(6h) + V/(12 h l)) for B sequences of s tokens, l layers of width h
-        and a vocabulary of V (Korthikanti et al. 2022, eq. 7; Megatron-LM's count until 2026).
-        It assumes an MLP of width 4h.
+        and a vocabulary of V: the model FLOPs of Korthikanti et al. 2022 (eq. 7), which count
+        the GEMMs only. It assumes an MLP of width 4h.
         """
         m = self.model
         b, s, layers, h, v = self.global_batch, self.seq_len, m.n_layer, m.n_embd, m.vocab_size
@@ -124,9 +124,9 @@ def run_steps(step, workload: Workload) -> tuple[list[float], list[float]]:
     """Call `step(index)` for the warm-up and timed steps; return each call's wall-clock seconds
     and the CPU seconds this process used in it (all its threads).
 
-    Before each step the ranks agree on the time spent so far (an all-reduce of the maximum,
-    which is also a barrier), so that a step's time on the slowest rank is the time of the whole
-    step and every rank stops after the same step once `workload.max_point_s` has passed.
+    Before each step the ranks agree on the time spent so far by an all-reduce of the maximum,
+    which is also a barrier. A step's time on the slowest rank is thus the time of the whole
+    step, and every rank stops after the same step once `workload.max_point_s` has passed.
     """
     seconds, cpu_seconds = [], []
     began = time.perf_counter()

@@ -4,9 +4,9 @@ Each case trains one step of the tiny model, then records a second step in a `co
 compares every (op, group) row with the volumes of Narayanan et al. 2021:
 
   tp: two all-reduces forward and two backward per layer and micro-batch, each of b*s*h
-      elements, so a ring moves 8*b*s*h*(t-1)/t elements per layer per micro-batch per rank;
-      plus the embedding's forward all-reduce (b*s*h) on the first stage and, on the last, the
-      LM head's input-gradient all-reduce (b*s*h) and the vocab-parallel cross-entropy's two
+      elements, so a ring moves 8*b*s*h*(t-1)/t elements per layer per micro-batch per rank.
+      The first stage adds the embedding's forward all-reduce (b*s*h). The last adds the LM
+      head's input-gradient all-reduce (b*s*h) and the vocab-parallel cross-entropy's two
       (b*s for the max, 2*b*s for the target logit and the sum of exponentials);
   pp: b*s*h per micro-batch per direction across each stage boundary between two ranks, the
       tied embedding's gradient summed once between the first and last stage, and the loss;
