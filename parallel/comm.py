@@ -2,6 +2,9 @@
 
 Every collective and point-to-point op that microtron issues goes through the functions in the
 first half of this file, so one place decides the backend call and one place counts the traffic.
+While a ledger records, it also times how long this rank is blocked in each op: the call itself
+and, for a non-blocking op, the `wait()` on its work handle. That is the exposed communication
+time; a transfer that runs while the rank computes costs nothing there.
 
 The second half defines the autograd functions of Megatron-style tensor parallelism. They come in
 conjugate pairs (Shoeybi et al. 2019): `copy_to_tp` is the identity forward and an all-reduce
@@ -14,6 +17,7 @@ they move the same volume as one all-reduce, split in two halves.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -37,19 +41,48 @@ class Ledger:
     """Counts of communication ops per (op, group), with the elements and bytes they carried.
 
     Elements are counted as the size of the tensor handed to the op on this rank (for an all-gather
-    the gathered output, for a reduce-scatter the full input), which is the convention of the
-    volume formulas in Narayanan et al. 2021.
+    the gathered output, for a reduce-scatter the full input). `volume` converts them into the
+    elements that a ring algorithm sends from each rank, the convention of the volume formulas in
+    Narayanan et al. 2021. `seconds` is the time this rank was blocked in the op (see the module
+    docstring).
     """
 
     calls: dict = field(default_factory=lambda: defaultdict(int))
     elements: dict = field(default_factory=lambda: defaultdict(int))
     bytes: dict = field(default_factory=lambda: defaultdict(int))
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+    group_sizes: dict = field(default_factory=dict)  # group name -> members
 
-    def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
+    def record(self, op: str, group_name: str, tensor: torch.Tensor, group_size: int = 2) -> None:
         key = (op, group_name)
         self.calls[key] += 1
         self.elements[key] += tensor.numel()
         self.bytes[key] += tensor.numel() * tensor.element_size()
+        self.group_sizes[group_name] = group_size
+
+    def add_time(self, op: str, group_name: str, seconds: float) -> None:
+        self.seconds[(op, group_name)] += seconds
+
+    def volume(self, op: str, group_name: str) -> float:
+        """Return the elements that each rank sends for (op, group) under ring algorithms.
+
+        An all-reduce of N elements over n ranks sends 2N(n-1)/n per rank (a reduce-scatter and an
+        all-gather), an all-gather or reduce-scatter of N elements (the full tensor) sends
+        N(n-1)/n, and a point-to-point op carries its N elements.
+        """
+        n = self.group_sizes.get(group_name, 1)
+        elements = self.elements.get((op, group_name), 0)
+        if op == "all_reduce":
+            return 2 * elements * (n - 1) / n
+        if op in ("all_gather", "reduce_scatter", "broadcast"):
+            return elements * (n - 1) / n
+        return float(elements)
+
+    def total_seconds(self, op: str | None = None, group_name: str | None = None) -> float:
+        return sum(
+            t for (o, g), t in self.seconds.items()
+            if (op is None or o == op) and (group_name is None or g == group_name)
+        )
 
     def total_elements(self, op: str | None = None, group_name: str | None = None) -> int:
         return sum(
@@ -63,10 +96,11 @@ class Ledger:
             if (op is None or o == op) and (group_name is None or g == group_name)
         )
 
-    def rows(self) -> list[tuple[str, str, int, int, int]]:
-        """Return (op, group, calls, elements, bytes) rows, sorted by op and group."""
+    def rows(self) -> list[tuple[str, str, int, int, int, float]]:
+        """Return (op, group, calls, elements, bytes, seconds) rows, sorted by op and group."""
         return [
-            (op, group, self.calls[(op, group)], self.elements[(op, group)], self.bytes[(op, group)])
+            (op, group, self.calls[(op, group)], self.elements[(op, group)], self.bytes[(op, group)],
+             self.seconds.get((op, group), 0.0))
             for op, group in sorted(self.calls)
         ]
 
@@ -84,9 +118,42 @@ def recording(ledger: Ledger):
         _active_ledgers.remove(ledger)
 
 
-def _record(op: str, group_name: str, tensor: torch.Tensor) -> None:
+class _TimedWork:
+    """A work handle whose `wait()` adds the time it blocks to the active ledgers."""
+
+    def __init__(self, work, op: str, group_name: str):
+        self._work = work
+        self._key = (op, group_name)
+
+    def wait(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            _add_time(*self._key, time.perf_counter() - start)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def _add_time(op: str, group_name: str, seconds: float) -> None:
     for ledger in _active_ledgers:
-        ledger.record(op, group_name, tensor)
+        ledger.add_time(op, group_name, seconds)
+
+
+def _issue(op: str, group: Group, tensor: torch.Tensor, call):
+    """Run `call()`, which issues one op over `group`, and record it; return its work handle.
+
+    Without an active ledger this is `call()` alone, so that training pays for no timing.
+    """
+    if not _active_ledgers:
+        return call()
+    for ledger in _active_ledgers:
+        ledger.record(op, group.name, tensor, group.size)
+    start = time.perf_counter()
+    work = call()
+    _add_time(op, group.name, time.perf_counter() - start)
+    return None if work is None else _TimedWork(work, op, group.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +164,8 @@ def all_reduce(tensor: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_o
     """All-reduce `tensor` in place over `group`; return the work handle when `async_op`."""
     if group.size == 1:
         return None
-    _record("all_reduce", group.name, tensor)
-    return dist.all_reduce(tensor, op=op, group=group.pg, async_op=async_op)
+    return _issue("all_reduce", group, tensor,
+                  lambda: dist.all_reduce(tensor, op=op, group=group.pg, async_op=async_op))
 
 
 def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group: Group, async_op=False):
@@ -106,8 +173,8 @@ def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group: Group, as
     if group.size == 1:
         output.copy_(tensor)
         return None
-    _record("all_gather", group.name, output)
-    return _all_gather_tensor(output, tensor, group=group.pg, async_op=async_op)
+    return _issue("all_gather", group, output,
+                  lambda: _all_gather_tensor(output, tensor, group=group.pg, async_op=async_op))
 
 
 def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group: Group,
@@ -116,28 +183,29 @@ def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group: Group
     if group.size == 1:
         output.copy_(tensor)
         return None
-    _record("reduce_scatter", group.name, tensor)
-    return _reduce_scatter_tensor(output, tensor, op=op, group=group.pg, async_op=async_op)
+    return _issue("reduce_scatter", group, tensor,
+                  lambda: _reduce_scatter_tensor(output, tensor, op=op, group=group.pg,
+                                                 async_op=async_op))
 
 
 def broadcast(tensor: torch.Tensor, src_index: int, group: Group):
     """Broadcast `tensor` in place from the member at index `src_index` of `group`."""
     if group.size == 1:
         return None
-    _record("broadcast", group.name, tensor)
-    return dist.broadcast(tensor, src=group.global_rank(src_index), group=group.pg)
+    return _issue("broadcast", group, tensor,
+                  lambda: dist.broadcast(tensor, src=group.global_rank(src_index), group=group.pg))
 
 
 def isend(tensor: torch.Tensor, peer: int, group: Group, tag: int):
     """Post a non-blocking send of `tensor` to the global rank `peer`; return its work handle."""
-    _record("send", group.name, tensor)
-    return dist.isend(tensor, dst=peer, group=group.pg, tag=tag)
+    return _issue("send", group, tensor,
+                  lambda: dist.isend(tensor, dst=peer, group=group.pg, tag=tag))
 
 
 def irecv(tensor: torch.Tensor, peer: int, group: Group, tag: int):
     """Post a non-blocking receive into `tensor` from the global rank `peer`."""
-    _record("recv", group.name, tensor)
-    return dist.irecv(tensor, src=peer, group=group.pg, tag=tag)
+    return _issue("recv", group, tensor,
+                  lambda: dist.irecv(tensor, src=peer, group=group.pg, tag=tag))
 
 
 # ----------------------------------------------------------------------------------------------
