@@ -18,6 +18,7 @@ from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
 from parallel.mesh import Layout
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError
 from parallel.pipeline.sources import is_user_schedule, prepare_schedule
+from training import compat
 
 
 class ConfigError(ValueError):
@@ -194,10 +195,12 @@ def validate(config: RunConfig) -> None:
             f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
         )
     num_stages = lay.pp * lay.virtual_stages
+    strategy_problems, schedule_ok = _strategy_problems(config)
+    problems += strategy_problems
     if lay.schedule not in SCHEDULES and not is_user_schedule(lay.schedule):
         problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}, "
                         f"a .yaml or .csv table of actions, or package.module:function")
-    else:
+    elif schedule_ok:
         try:
             schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches,
                                         lay.virtual_stages, lay.max_stash)
@@ -230,8 +233,6 @@ def validate(config: RunConfig) -> None:
         problems.append(f"seq_len={tr.seq_len} must be between 1 and n_positions={m.n_positions}")
     if tr.steps < 0:
         problems.append(f"steps={tr.steps} must not be negative")
-    if tr.dtype not in ("float32", "float64"):
-        problems.append(f"train.dtype={tr.dtype!r} must be float32 or float64")
     if not 0.0 < config.data.val_fraction < 1.0:
         problems.append(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
     if config.run.device not in ("auto", "cpu", "cuda"):
@@ -242,6 +243,17 @@ def validate(config: RunConfig) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _strategy_problems(config: RunConfig) -> tuple[list[str], bool]:
+    """Return the rules of the compatibility table (`training.compat`) that the config breaks,
+    and whether the schedule rules hold, so that the schedule can be built."""
+    strategy, problems = compat.strategy_of(config)
+    if strategy is None:
+        return problems, True
+    layout = compat.Layout(tp=config.layout.tp, pp=config.layout.pp, dp=config.layout.dp,
+                           micro_batches=config.layout.micro_batches, seq_len=config.seq_len)
+    return compat.problems(strategy, layout), not compat.schedule_problems(strategy, layout)
 
 
 def _checkpoint_problems(run: RunOptions) -> list[str]:
