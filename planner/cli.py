@@ -1,10 +1,10 @@
 """The `scripts/plan.py` command: choose the layout of a training run on a cluster.
 
 It enumerates every layout that the compatibility table (`training.compat`) allows for the
-model, devices and global batch, drops those that do not fit in memory (saying why, in numbers),
-ranks the rest by predicted step time, prints the top few and explains why the first beats the
-others, component by component. The layouts it prints as runnable pass the trainer's own
-config validation.
+model, devices and global batch, and drops those that do not fit in memory, saying why in
+numbers. It ranks the rest by predicted step time, prints the top few and explains why the first
+beats the others, component by component. The first layout is checked with the trainer's own
+config validation before it is printed as runnable.
 """
 
 from __future__ import annotations

@@ -15,16 +15,20 @@ A cluster is a YAML file in `configs/clusters/` (or any path). Units are in the 
 
 `efficiency` scales the peaks: the fraction of peak FLOP/s that large matrix multiplications
 reach, of memory bandwidth that memory-bound kernels reach, and of link bandwidth that
-collectives reach. A calibrated cluster (`scripts/calibrate.py`) adds measured tables that
-replace these roofline estimates: `gemm_gflops` (matmul throughput by shape and dtype),
-`kernels_ns_per_element` (elementwise kernels, by tensor size), `attention_gflops`, `collectives` (bandwidth and
-latency per collective), `op_overhead_us`, `optimizer_ns_per_parameter` and
-`speed_by_active_devices` (how much faster a rank computes while fewer ranks compute, on a machine
-whose ranks share cores).
+collectives reach. A calibrated cluster (`scripts/calibrate.py`) adds measured tables, which
+replace these roofline estimates:
+  gemm_gflops: matmul throughput by shape and dtype;
+  kernels_ns_per_element: elementwise kernels, by tensor size;
+  attention_gflops: fused attention, forward and backward;
+  collectives: bandwidth and latency per collective;
+  op_overhead_us and optimizer_ns_per_parameter;
+  speed_by_active_devices: how much faster a rank computes while fewer ranks compute, on a
+    machine whose ranks share cores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,14 +88,15 @@ class Cluster:
     collectives: dict[str, Link] | None = None  # op -> fitted bandwidth and latency
     op_overhead: float = 0.0  # seconds per framework op launched, beyond the kernel
     optimizer_seconds_per_parameter: float | None = None
-    # Compute speed of a device while k devices of its node compute at once, relative to all of
-    # them (entry k - 1); measured on machines whose devices share CPU cores. None: independent.
+    # Entry k - 1: the compute speed of a device while k devices of its node compute at once,
+    # relative to all of them computing. Measured where devices share CPU cores; None where
+    # they do not.
     speed_by_active: list[float] | None = None
     calibration: dict = field(default_factory=dict)
 
     def slowdown(self, active: int) -> float:
-        """Return how much longer compute takes with `active` devices of a node computing than
-        the measured tables say (they were measured with every device computing)."""
+        """Return the factor by which compute with `active` devices of a node computing takes
+        longer than the measured tables give, which were measured with every device computing."""
         if not self.speed_by_active or active < 1:
             return 1.0
         return 1.0 / self.speed_by_active[min(active, len(self.speed_by_active)) - 1]
@@ -106,6 +111,26 @@ class Cluster:
                                f"it has {sorted(self.peak_flops)}")
         return self.peak_flops[dtype]
 
+    def at_speed(self, factor: float, speed_by_active: list[float] | None) -> "Cluster":
+        """Return a copy whose compute takes `factor` times as long as measured (communication
+        unchanged), with the given `speed_by_active`: the machine measured again later, when
+        other work shares its cores differently."""
+        def rates(table):
+            return None if table is None else {key: [(*row[:-1], row[-1] / factor) for row in rows]
+                                               for key, rows in table.items()}
+        return dataclasses.replace(
+            self,
+            peak_flops={k: v / factor for k, v in self.peak_flops.items()},
+            gemm_flops=rates(self.gemm_flops),
+            attention_flops=rates(self.attention_flops),
+            kernel_seconds=None if self.kernel_seconds is None else {
+                k: [(n, t * factor) for n, t in rows] for k, rows in self.kernel_seconds.items()},
+            op_overhead=self.op_overhead * factor,
+            optimizer_seconds_per_parameter=(None if self.optimizer_seconds_per_parameter is None
+                                             else self.optimizer_seconds_per_parameter * factor),
+            speed_by_active=speed_by_active,
+        )
+
     # ------------------------------------------------------------------------------------------
     # Placement of groups
 
@@ -118,8 +143,8 @@ class Cluster:
 
         Inside one node the ring runs over the intra-node link. Across nodes, a group with k
         members on each node runs k rings side by side, one through each member's network
-        interface, so its bandwidth is k times the inter-node bandwidth, at most the intra-node
-        bandwidth (the ring also crosses the node's own links).
+        interface. Its bandwidth is therefore k times the inter-node bandwidth, capped by the
+        intra-node bandwidth because the rings also cross the node's own links.
         """
         nodes: dict[int, int] = {}
         for rank in ranks:
@@ -140,9 +165,9 @@ class Cluster:
         """Return the seconds of one ring collective over `group_size` members.
 
         `num_bytes` follows the ledger of `parallel.comm`: the tensor handed to the op (for an
-        all-gather the gathered output, for a reduce-scatter the full input). A ring all-reduce
-        sends 2 (n - 1) / n of it per member in 2 (n - 1) steps; an all-gather or reduce-scatter
-        (n - 1) / n in n - 1 steps; a send all of it in one step.
+        all-gather the gathered output, for a reduce-scatter the full input). Per member, a ring
+        all-reduce sends 2 (n - 1) / n of it in 2 (n - 1) steps. An all-gather or reduce-scatter
+        sends (n - 1) / n of it in n - 1 steps, and a send all of it in one step.
         """
         if group_size <= 1 and op != "send":
             return 0.0

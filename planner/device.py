@@ -1,7 +1,7 @@
 """Time of one kernel on one device: matrix multiplications, attention and elementwise kernels.
 
 Two sources, chosen per kernel:
-  measured: a calibrated cluster holds matmul throughput by shape, attention throughput and
+  measured: a calibrated cluster contains matmul throughput by shape, attention throughput and
     seconds per element of each elementwise kernel, measured on the machine itself;
   roofline: otherwise a kernel takes the longer of its FLOPs at the peak times the GEMM
     efficiency and its memory traffic at the memory bandwidth times the memory efficiency.
@@ -108,8 +108,8 @@ class Device:
 class _Grid:
     """Measured matmul throughput on a grid of (m, n, k), interpolated in log2 space.
 
-    The grid is the product of the measured m, n and k values; throughput between grid points
-    is interpolated multilinearly in log2 of each dimension and clamped outside the grid.
+    The grid is the product of the measured m, n and k values. Throughput between grid points
+    is interpolated multilinearly in log2 of each dimension, and clamped outside the grid.
     """
 
     def __init__(self, rows: list[tuple[int, int, int, float]]):

@@ -15,7 +15,7 @@ workspace of recomputation.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from model.build import partition_layers
 from planner import memory as mem
@@ -51,17 +51,18 @@ class StageCosts:
 
 @dataclass
 class Estimate:
+    """The predicted step of one layout."""
+
     candidate: Candidate
     step_s: float
-    components: dict[str, float]  # seconds; they add up to step_s
+    components: dict[str, float]  # seconds, keyed by COMPONENTS; they add up to step_s
     memory: mem.MemoryBreakdown
     memory_limit: float
-    model_flops: float
-    hardware_flops: float
+    model_flops: float  # per step, without recomputation (for MFU)
+    hardware_flops: float  # per step, what the devices execute, recomputation included
     peak_flops: float  # of all devices together
     bubble_fraction: float
     tokens: int
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -70,6 +71,10 @@ class Estimate:
     @property
     def mfu(self) -> float:
         return self.model_flops / (self.step_s * self.peak_flops)
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops / (self.step_s * self.peak_flops)
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,7 +90,7 @@ class Estimate:
 
 
 class CostModel:
-    """Predicts step time and memory of layouts of `workload`-like runs on `cluster`."""
+    """The step time and memory of layouts on `cluster`, run by `implementation`."""
 
     def __init__(self, cluster: Cluster, implementation: Implementation = MICROTRON):
         self.cluster = cluster
@@ -139,10 +144,10 @@ class CostModel:
     def lower_bound(self, workload: Workload, candidate: Candidate) -> float:
         """Return a lower bound of the step time that needs no pipeline evaluation.
 
-        The busiest rank computes its actions of every micro-batch and cannot start before the
-        first micro-batch's forward has reached its first stage; with full backward passes it
-        also cannot finish before the last micro-batch's backward has gone back from its first
-        stage to stage 0. The reductions after the pipeline are added in full.
+        Every rank computes its actions of every micro-batch, and cannot start before the first
+        micro-batch's forward has reached its first stage. With full backward passes it also
+        cannot finish before the last micro-batch's backward has gone back from its first stage
+        to stage 0. The bound is the largest over ranks, plus the reductions after the pipeline.
         """
         s = candidate.strategy
         stages = self.stage_costs(workload, candidate)
@@ -343,8 +348,8 @@ class CostModel:
         return self._breakdown(workload, candidate, peaks, workspace)
 
     def memory_lower_bound(self, workload: Workload, candidate: Candidate) -> mem.MemoryBreakdown:
-        """Return a lower bound of `memory` that needs no schedule: every rank holds at least
-        one micro-batch's activations of each of its stages at some point."""
+        """Return a lower bound of `memory` that needs no schedule: at some point every rank
+        keeps one micro-batch's activations of its largest stage."""
         activation, _, workspace = self._activation_bytes(workload, candidate)
         placement = _placement(candidate.schedule_rule.placement, candidate.pp,
                                candidate.strategy.virtual_stages)

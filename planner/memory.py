@@ -1,10 +1,10 @@
 """Memory per device: parameters, gradients, optimizer state and activations.
 
 Activations of one layer and micro-batch follow the published count of Korthikanti et al. 2022
-("Reducing Activation Recomputation in Large Transformer Models"), which for 16-bit activations
-and 1-byte dropout masks is s b h (10 + 24/t + 5 a s / (h t)) bytes, generalized to the widths
-and kernels of an implementation (notation of `planner.ops`; c the compute width, r the width of
-the residual stream, k the mask width):
+("Reducing Activation Recomputation in Large Transformer Models"). For 16-bit activations and
+1-byte dropout masks it is s b h (10 + 24/t + 5 a s / (h t)) bytes. Here it is generalized to
+the widths and kernels of an implementation, in the notation of `planner.ops` with c the
+compute width, r the width of the residual stream and k the mask width:
 
     outside attention and the MLP, split by d:  (2 r + 2 c + 2 k) s b h / d
         (the inputs of both LayerNorms, of the QKV and MLP projections, two dropout masks)

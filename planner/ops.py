@@ -1,10 +1,11 @@
 """The work of each pipeline action: its matrix multiplications, attention, elementwise kernels
 and tensor-parallel collectives, per micro-batch and TP rank.
 
-A transformer layer's forward F, backward for inputs I and backward for weights W are listed
-kernel by kernel as the code runs them (`layer_work`), and so are the extra pieces of the first
-stage (embeddings) and of the last stage (final LayerNorm, LM head and loss). Recomputation adds
-forward work to I. FLOPs count what the hardware executes, recomputation included.
+`layer_work` lists a transformer layer's forward F, backward for inputs I and backward for
+weights W kernel by kernel, as the code runs them. `embedding_work` and `head_work` list the
+extra work of the first stage (embeddings) and of the last stage (final LayerNorm, LM head and
+loss). Recomputation adds forward work to I. FLOPs count what the hardware executes,
+recomputation included.
 
 Notation: b micro-batch, s sequence, h hidden, a heads, f MLP size, V padded vocabulary, t tp,
 d = t with sequence parallelism (tensors outside attention and the MLP are split along the
@@ -187,11 +188,11 @@ def _layer_backward_weight(shape: Shape, impl: Implementation) -> Work:
 def _block_collectives(shape: Shape, impl: Implementation, backward: bool) -> list[tuple[str, float]]:
     """Return the TP collectives of one layer's forward or input backward.
 
-    Without sequence parallelism: two all-reduces of (b, s, h) each way, after the attention
-    and MLP outputs forward and of the input gradients backward. With it, each all-reduce
-    becomes an all-gather before the column-parallel layer and a reduce-scatter after the
-    row-parallel one; backward also all-gathers the column-parallel inputs again for their
-    weight gradients, because only this rank's slice of them is kept.
+    Without sequence parallelism there are two all-reduces of (b, s, h) each way: of the
+    attention and MLP outputs forward, of the input gradients backward. With it, each
+    all-reduce becomes an all-gather before the column-parallel layer and a reduce-scatter
+    after the row-parallel one. Backward also all-gathers the column-parallel inputs again for
+    their weight gradients, because only this rank's slice of them is kept.
     """
     if shape.tp == 1:
         return []
@@ -238,7 +239,8 @@ def head_work(shape: Shape, impl: Implementation) -> dict[str, Work]:
     if t > 1:
         # The loss's max and sums over the vocabulary; the head's input gradient (or with
         # sequence parallelism, the all-gather of its input and the reduce-scatter back).
-        forward.collectives += [("all_reduce", tokens * 4), ("all_reduce", 2 * tokens * 4)]
+        loss_bytes = 8 if loss_dtype == "float64" else 4
+        forward.collectives += [("all_reduce", tokens * loss_bytes), ("all_reduce", 2 * tokens * loss_bytes)]
         if shape.sequence_parallel:
             forward.collectives.append(("all_gather", n * _bytes(residual)))
             backward_input.collectives.append(("reduce_scatter", n * compute_bytes(compute)))

@@ -1,10 +1,11 @@
 """Pipeline step time and peak activation memory of a schedule, for many cost settings.
 
 `parallel.pipeline.simulate` runs a schedule as events. With compute actions only, the time
-it computes is a longest path: an action starts when the previous action of its rank has ended
-and its inputs have arrived (the previous stage's forward, or the next stage's input backward,
-`transfer` later when they cross ranks; its own stage's forward for a backward; its I for a W),
-and ends its duration later. The planner evaluates one schedule with thousands of cost
+it computes is a longest path. An action starts when the previous action of its rank has ended
+and its inputs have arrived, and ends its duration later. Its inputs are the previous stage's
+forward (for a forward) or the next stage's input backward (for a backward), which arrive
+`transfer` later when they cross ranks, its own stage's forward (for a backward) and its I (for
+a W). The planner evaluates one schedule with thousands of cost
 settings, so this module compiles each (schedule, pp, micro-batches, virtual stages) once into
 arrays in a topological order of that dependency graph, cached, and evaluates them in one pass.
 `tests/test_planner_pipeline.py` checks that the results equal the simulator's exactly.
@@ -229,11 +230,11 @@ def pipeline_times(compiled: Compiled, forward: Sequence[float], backward_input:
 def shared_core_times(compiled: Compiled, times: PipelineTimes, slowdown: Sequence[float]) -> PipelineTimes:
     """Return `times` stretched for ranks that share CPU cores.
 
-    `slowdown[k]` is how much longer compute takes while k pipeline ranks compute at once than
-    in `times` (slowdown[0] is unused). The simulation's order of events is kept; each stretch of
-    time is rescaled by the slowdown of the number of ranks computing in it. On a machine whose
-    cores are shared (with other processes, or by more ranks than cores), a rank computes faster
-    while the others wait in a bubble, which this captures.
+    `slowdown[k]` is the factor by which compute takes longer than in `times` while k pipeline
+    ranks compute at once (slowdown[0] is unused). The simulation's order of events is kept, and
+    each stretch of time is rescaled by the slowdown of the number of ranks computing in it. On
+    a machine whose cores are shared with other processes, or by more ranks than cores, a rank
+    computes faster while the others wait in a bubble.
     """
     starts, ends = times.starts, times.ends
     boundaries = np.unique(np.concatenate([starts, ends, [0.0]]))

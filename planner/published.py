@@ -2,10 +2,10 @@
 efficiencies to them.
 
 The rows come from `tests/data/published_runs.yaml` (Narayanan et al. 2021, Table 1; Korthikanti
-et al. 2022, Table 5). Where a paper does not print a setting (the micro-batch size and
-interleaving degree of the 2021 table, the interleaving of the 1T run of 2022), a row stands for
-every value that Megatron-LM allows, and the layout the cost model predicts fastest is taken,
-because the authors tuned these settings.
+et al. 2022, Table 5). Some settings are not printed: the micro-batch size and interleaving
+degree of the 2021 table, and the interleaving of the 1T run of 2022. There a row stands for
+every value that Megatron-LM allows, and the layout that the cost model predicts fastest is
+taken, because the authors tuned these settings.
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ def best_estimate(model: CostModel, run: PublishedRun) -> Estimate:
 def fit_efficiency(cluster: Cluster, runs: list[PublishedRun], start: Efficiency = Efficiency(0.7, 0.7, 0.8),
                    step: float = 0.08, rounds: int = 4) -> Efficiency:
     """Return the efficiencies that minimize the largest relative error of the Megatron-LM cost
-    model on `runs`: a 3 x 3 x 3 grid search around `start`, repeated around the best point with
-    half the step each round, every value kept in (0, 1]."""
+    model on `runs`.
+
+    The search evaluates a 3 x 3 x 3 grid around `start`, then repeats around the best point
+    with half the step, `rounds` times. Every value stays in (0, 1].
+    """
     def worst(efficiency: Efficiency) -> float:
         model = CostModel(dataclasses.replace(cluster, efficiency=efficiency), MEGATRON)
         return max(abs(run.relative_error(best_estimate(model, run))) for run in runs)

@@ -112,6 +112,7 @@ def _estimate_json(e: Estimate) -> dict:
         "micro_batch": e.candidate.micro_batch,
         "step_s": e.step_s,
         "mfu": e.mfu,
+        "hfu": e.hfu,
         "tokens_per_s": e.tokens_per_s,
         "bubble_fraction": e.bubble_fraction,
         "comm_share": e.comm_share,

@@ -110,7 +110,7 @@ def candidates(workload: Workload, devices: int, space: SearchSpace = SearchSpac
 
 
 def _strategies(workload, tp, pp, dp, b, m, schedules, axis_values, include_declared, counts):
-    layout = compat.Layout(tp=tp, pp=pp, dp=dp, micro_batches=m, seq_len=workload.seq_len)
+    context = compat.Context(tp=tp, pp=pp, dp=dp, micro_batches=m, seq_len=workload.seq_len)
     for schedule in schedules:
         if pp == 1 and schedule != "1f1b":
             continue
@@ -121,9 +121,9 @@ def _strategies(workload, tp, pp, dp, b, m, schedules, axis_values, include_decl
                         strategy = Strategy(schedule=schedule, virtual_stages=v, sequence_parallel=sp,
                                             recompute=recompute, zero1=zero1, dtype=workload.dtype,
                                             tied_embeddings=workload.tied_embeddings)
-                        if not compat.has_effect(strategy, layout):
+                        if not compat.has_effect(strategy, context):
                             continue
-                        if compat.problems(strategy, layout, require_runs=not include_declared):
+                        if compat.problems(strategy, context, require_runs=not include_declared):
                             counts["breaks a rule"] = counts.get("breaks a rule", 0) + 1
                             continue
                         yield Candidate(tp, pp, dp, b, m, strategy)

@@ -1,4 +1,4 @@
-"""What the planner plans: the workload (model, batch, dtype), the implementation that runs it,
+"""The planner's inputs: the workload (model, batch, dtype), the implementation that runs it,
 and a candidate layout."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class Implementation:
-    """How the training code runs a layout, where that changes time or memory.
+    """The properties of a training code that change a layout's time or memory.
 
     fused_kernels: bias-GELU, bias-dropout-add and scale-mask-softmax run as single kernels.
     attention: "flash" (fused, no s x s scores kept), "materialized" (scores in memory), or

@@ -4,8 +4,8 @@
     python scripts/fit_cluster.py --write
 
 Searches the three efficiencies of `configs/clusters/<cluster>.yaml` (GEMM, memory, network) for
-the values that minimize the largest relative error on the --fit runs (at most three; see
-planner.published.fit_efficiency), then prints the error of every run of
+the values that minimize the largest relative error on the --fit runs, at most three (see
+planner.published.fit_efficiency). Then prints the error of every run of
 tests/data/published_runs.yaml. --write stores the fitted values in the cluster file.
 
 The default runs span both papers, small to large hidden sizes and the three kinds of layout:

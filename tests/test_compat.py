@@ -62,7 +62,7 @@ def test_validation_follows_table(name, virtual, micro_batches):
     overrides = {"layout.pp": 2, "layout.schedule": name, "layout.virtual_stages": virtual,
                  "layout.micro_batches": micro_batches, "train.global_batch": 12, "model.n_layer": 6}
     strategy = compat.Strategy(schedule=name, virtual_stages=virtual)
-    expected = compat.problems(strategy, compat.Layout(pp=2, micro_batches=micro_batches, seq_len=16))
+    expected = compat.problems(strategy, compat.Context(pp=2, micro_batches=micro_batches, seq_len=16))
     if not expected:
         run_config(overrides)
         return
@@ -74,18 +74,18 @@ def test_validation_follows_table(name, virtual, micro_batches):
 
 def test_declared_values_are_rejected_with_their_keys():
     strategy = compat.Strategy(sequence_parallel=True, dtype="bf16")
-    problems = compat.problems(strategy, compat.Layout(tp=2, seq_len=16))
+    problems = compat.problems(strategy, compat.Context(tp=2, seq_len=16))
     for key in ("layout.sequence_parallel", "train.mixed_precision"):
         if compat.config_has_key(key):
             assert not any(key in p for p in problems)
         else:
             assert any(key in p for p in problems), problems
-    assert compat.problems(strategy, compat.Layout(tp=2, seq_len=16), require_runs=False) == []
+    assert compat.problems(strategy, compat.Context(tp=2, seq_len=16), require_runs=False) == []
 
 
 def test_sequence_split_rule():
     strategy = compat.Strategy(sequence_parallel=True)
-    problems = compat.problems(strategy, compat.Layout(tp=2, seq_len=15), require_runs=False)
+    problems = compat.problems(strategy, compat.Context(tp=2, seq_len=15), require_runs=False)
     assert any("seq_len=15 is not divisible by tp=2" in p for p in problems)
 
 

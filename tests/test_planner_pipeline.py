@@ -12,7 +12,7 @@ from parallel.pipeline.schedules import SCHEDULES, VIRTUAL_STAGES, build_schedul
 from parallel.pipeline.simulate import Costs, simulate
 from planner.cluster import cluster_from_dict
 from planner.estimate import CostModel
-from planner.pipeline import compile_schedule, memory_events, peak_memory, pipeline_times
+from planner.pipeline import compile_schedule, memory_events, peak_memory, pipeline_times, shared_core_times
 from planner.search import SearchSpace, candidates
 from planner.workload import MEGATRON, MICROTRON, Workload
 
@@ -70,3 +70,22 @@ def test_lower_bounds_hold(implementation):
         assert model.memory_lower_bound(workload, candidate).total <= estimate.memory.total * (1 + 1e-12)
         assert sum(estimate.components.values()) == pytest.approx(estimate.step_s)
         assert min(estimate.components.values()) >= -1e-12, candidate.describe()
+
+
+def test_shared_cores_change_nothing_at_equal_speed():
+    compiled = compile_schedule("1f1b", 3, 5, 1)
+    times = pipeline_times(compiled, [1.0, 1.5, 1.0], [1.0, 1.0, 2.0], [0.5, 0.5, 0.5], 0.2)
+    same = shared_core_times(compiled, times, [1.0, 1.0, 1.0, 1.0])
+    assert same.makespan == pytest.approx(times.makespan)
+    assert same.busy == pytest.approx(times.busy)
+
+
+def test_shared_cores_speed_up_lone_work():
+    # GPipe on 2 ranks, 1 micro-batch: the ranks never compute at once, so at slowdown 0.5 for
+    # one computing rank every action takes half as long, and the transfers stay as they are.
+    compiled = compile_schedule("gpipe", 2, 1, 1)
+    times = pipeline_times(compiled, [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], 0.25)
+    assert times.makespan == pytest.approx(6.5)
+    faster = shared_core_times(compiled, times, [1.0, 0.5, 1.0])
+    assert faster.makespan == pytest.approx(3.5)
+    assert faster.busy == pytest.approx([1.5, 1.5])

@@ -242,8 +242,9 @@ def _config_value(config, key: str, default):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """What the rules look at besides the strategy: mesh sizes, micro-batches and sequence."""
+class Context:
+    """The mesh sizes, micro-batches per step and sequence length that rules check a strategy
+    against."""
 
     tp: int = 1
     pp: int = 1
@@ -254,19 +255,19 @@ class Layout:
 
 @dataclass(frozen=True)
 class Rule:
-    """A rule that a strategy and layout must keep.
+    """A rule that a strategy must keep in its context.
 
-    axes: the axes it relates, for the README. check(strategy, layout) returns None or the
+    axes: the axes it relates, for the README. check(strategy, context) returns None or the
     problem: the value, the rule and a fix.
     """
 
     name: str
     axes: tuple[str, ...]
     text: str
-    check: Callable[[Strategy, Layout], str | None]
+    check: Callable[[Strategy, Context], str | None]
 
 
-def _virtual_stages_problem(s: Strategy, lay: Layout) -> str | None:
+def _virtual_stages_problem(s: Strategy, context: Context) -> str | None:
     rule = SCHEDULE_RULES.get(s.schedule)
     if rule is None or rule.allows_virtual_stages(s.virtual_stages):
         return None
@@ -281,24 +282,24 @@ def _virtual_stages_problem(s: Strategy, lay: Layout) -> str | None:
     return f"schedule {s.schedule!r} runs {what}, but virtual_stages={s.virtual_stages}; {fix}"
 
 
-def _micro_batches_problem(s: Strategy, lay: Layout) -> str | None:
+def _micro_batches_problem(s: Strategy, context: Context) -> str | None:
     rule = SCHEDULE_RULES.get(s.schedule)
-    if rule is None or lay.micro_batches >= rule.min_micro_batches_for(lay.pp):
+    if rule is None or context.micro_batches >= rule.min_micro_batches_for(context.pp):
         return None
     a, c = rule.min_micro_batches
-    need = rule.min_micro_batches_for(lay.pp)
+    need = rule.min_micro_batches_for(context.pp)
     return (f"schedule {s.schedule!r} needs micro_batches >= {a} * pp {'-' if c < 0 else '+'} "
-            f"{abs(c)} = {need}, got micro_batches={lay.micro_batches} with pp={lay.pp}; use at "
+            f"{abs(c)} = {need}, got micro_batches={context.micro_batches} with pp={context.pp}; use at "
             f"least {need} micro-batches or 'zb-v'")
 
 
-def _sequence_split_problem(s: Strategy, lay: Layout) -> str | None:
-    if not s.sequence_parallel or lay.seq_len is None or lay.seq_len % lay.tp == 0:
+def _sequence_split_problem(s: Strategy, context: Context) -> str | None:
+    if not s.sequence_parallel or context.seq_len is None or context.seq_len % context.tp == 0:
         return None
-    shorter = lay.seq_len - lay.seq_len % lay.tp
-    return (f"seq_len={lay.seq_len} is not divisible by tp={lay.tp}: sequence parallelism splits "
-            f"each sequence over the TP ranks; use a multiple of {lay.tp} (such as train.seq_len="
-            f"{shorter or lay.tp}) or turn sequence parallelism off")
+    shorter = context.seq_len - context.seq_len % context.tp
+    return (f"seq_len={context.seq_len} is not divisible by tp={context.tp}: sequence parallelism splits "
+            f"each sequence over the TP ranks; use a multiple of {context.tp} (such as train.seq_len="
+            f"{shorter or context.tp}) or turn sequence parallelism off")
 
 
 RULES: tuple[Rule, ...] = (
@@ -310,19 +311,19 @@ RULES: tuple[Rule, ...] = (
          "sequence parallelism needs seq_len divisible by tp", _sequence_split_problem),
 )
 
-# Values that combine but change nothing; the planner skips them.
+# Values that combine but change nothing (see `has_effect`); the planner skips them.
 NO_EFFECT = {
-    "sequence_parallel": "with tp = 1 there is no sequence to split",
-    "zero1": "with dp = 1 there is no replica to shard the optimizer state over",
+    "sequence_parallel": "with tp = 1: there is no sequence to split",
+    "zero1": "with dp = 1: there is no replica to shard the optimizer state over",
 }
 
 
-def problems(strategy: Strategy, layout: Layout, require_runs: bool = True) -> list[str]:
-    """Return every rule that `strategy` with `layout` breaks (empty when it combines).
+def problems(strategy: Strategy, context: Context, require_runs: bool = True) -> list[str]:
+    """Return the problem of every rule that `strategy` breaks in `context` (empty: it combines).
 
     With `require_runs`, a value that this build cannot run is a problem too.
     """
-    found = [problem for rule in RULES if (problem := rule.check(strategy, layout)) is not None]
+    found = [problem for rule in RULES if (problem := rule.check(strategy, context)) is not None]
     if require_runs:
         for axis in AXES:
             value = getattr(strategy, axis.name)
@@ -333,13 +334,13 @@ def problems(strategy: Strategy, layout: Layout, require_runs: bool = True) -> l
     return found
 
 
-def schedule_problems(strategy: Strategy, layout: Layout) -> list[str]:
+def schedule_problems(strategy: Strategy, context: Context) -> list[str]:
     """Return the problems of the rules that involve the schedule."""
     return [problem for rule in RULES if "schedule" in rule.axes
-            and (problem := rule.check(strategy, layout)) is not None]
+            and (problem := rule.check(strategy, context)) is not None]
 
 
-def has_effect(strategy: Strategy, layout: Layout) -> bool:
+def has_effect(strategy: Strategy, context: Context) -> bool:
     """Whether every non-default value of `strategy` changes something in `layout`."""
     if strategy.sequence_parallel and layout.tp == 1:
         return False
@@ -429,8 +430,8 @@ def markdown_table() -> str:
         lines.append(f"| {axis.title} | {', '.join(cells)} | {', '.join(keys) or '-'} |")
     lines += ["", "Every schedule combines with every value of the other axes, under these rules:", ""]
     lines += [f"- {rule.name} ({' x '.join(rule.axes)}): {rule.text}." for rule in RULES]
-    lines += [f"- {name.replace('_', ' ')} is accepted but changes nothing {why}." for name, why in
-              (("sequence_parallel", "with tp = 1"), ("zero1", "with dp = 1"))]
+    lines += [f"- {AXIS_BY_NAME[name].title} is accepted but changes nothing {why}." for name, why in
+              NO_EFFECT.items()]
     lines += ["", "A value marked declared has its rules set, but this build's run config has no "
               "key to select it, so the trainer cannot run it yet; the planner costs it only "
               "with `--include-declared`."]
