@@ -251,9 +251,9 @@ def _strategy_problems(config: RunConfig) -> tuple[list[str], bool]:
     strategy, problems = compat.strategy_of(config)
     if strategy is None:
         return problems, True
-    layout = compat.Layout(tp=config.layout.tp, pp=config.layout.pp, dp=config.layout.dp,
+    context = compat.Context(tp=config.layout.tp, pp=config.layout.pp, dp=config.layout.dp,
                            micro_batches=config.layout.micro_batches, seq_len=config.seq_len)
-    return compat.problems(strategy, layout), not compat.schedule_problems(strategy, layout)
+    return compat.problems(strategy, context), not compat.schedule_problems(strategy, context)
 
 
 def _checkpoint_problems(run: RunOptions) -> list[str]:
