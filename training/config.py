@@ -252,7 +252,7 @@ def _strategy_problems(config: RunConfig) -> tuple[list[str], bool]:
     if strategy is None:
         return problems, True
     context = compat.Context(tp=config.layout.tp, pp=config.layout.pp, dp=config.layout.dp,
-                           micro_batches=config.layout.micro_batches, seq_len=config.seq_len)
+                             micro_batches=config.layout.micro_batches, seq_len=config.seq_len)
     return compat.problems(strategy, context), not compat.schedule_problems(strategy, context)
 
 
