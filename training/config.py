@@ -19,6 +19,7 @@ from model.gpt import RECOMPUTE_MODES
 from parallel.mesh import Layout
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError
 from parallel.pipeline.sources import is_user_schedule, prepare_schedule
+from training import compat
 
 
 class ConfigError(ValueError):
@@ -208,10 +209,12 @@ def validate(config: RunConfig) -> None:
             f"hidden units over ranks; use a tp from {_divisors(m.ffn_size)}"
         )
     num_stages = lay.pp * lay.virtual_stages
+    strategy_problems, schedule_ok = _strategy_problems(config)
+    problems += strategy_problems
     if lay.schedule not in SCHEDULES and not is_user_schedule(lay.schedule):
         problems.append(f"schedule={lay.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}, "
                         f"a .yaml or .csv table of actions, or package.module:function")
-    else:
+    elif schedule_ok:
         try:
             schedule = prepare_schedule(lay.schedule, lay.pp, lay.micro_batches,
                                         lay.virtual_stages, lay.max_stash)
@@ -245,8 +248,6 @@ def validate(config: RunConfig) -> None:
     problems += _memory_problems(config)
     if tr.steps < 0:
         problems.append(f"steps={tr.steps} must not be negative")
-    if tr.dtype not in ("float32", "float64"):
-        problems.append(f"train.dtype={tr.dtype!r} must be float32 or float64")
     if not 0.0 < config.data.val_fraction < 1.0:
         problems.append(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
     if config.run.device not in ("auto", "cpu", "cuda"):
@@ -260,16 +261,10 @@ def validate(config: RunConfig) -> None:
 
 
 def _memory_problems(config: RunConfig) -> list[str]:
-    """Return the broken rules of sequence parallelism, recomputation and mixed precision."""
-    lay, tr = config.layout, config.train
+    """Return the broken rules of recomputation and mixed precision that the compatibility
+    table does not hold."""
+    tr = config.train
     problems = []
-    if lay.sequence_parallel and config.seq_len % lay.tp != 0:
-        shorter = config.seq_len - config.seq_len % lay.tp
-        problems.append(
-            f"seq_len={config.seq_len} is not divisible by tp={lay.tp}: sequence parallelism splits "
-            f"each sequence over the TP ranks; use a multiple of {lay.tp} (such as train.seq_len="
-            f"{shorter or lay.tp}) or set layout.sequence_parallel=false"
-        )
     if tr.recompute not in RECOMPUTE_MODES:
         problems.append(f"train.recompute={tr.recompute!r} must be one of {list(RECOMPUTE_MODES)}")
     if tr.recompute_layers is not None:
@@ -285,6 +280,17 @@ def _memory_problems(config: RunConfig) -> list[str]:
         problems.append(f"train.mixed_precision={tr.mixed_precision} needs float32 master weights, "
                         f"but train.dtype={tr.dtype}; set train.dtype=float32")
     return problems
+
+
+def _strategy_problems(config: RunConfig) -> tuple[list[str], bool]:
+    """Return the rules of the compatibility table (`training.compat`) that the config breaks,
+    and whether the schedule rules hold, so that the schedule can be built."""
+    strategy, problems = compat.strategy_of(config)
+    if strategy is None:
+        return problems, True
+    context = compat.Context(tp=config.layout.tp, pp=config.layout.pp, dp=config.layout.dp,
+                             micro_batches=config.layout.micro_batches, seq_len=config.seq_len)
+    return compat.problems(strategy, context), not compat.schedule_problems(strategy, context)
 
 
 def _checkpoint_problems(run: RunOptions) -> list[str]:
