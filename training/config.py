@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 from model.config import CONFIG_DIR, GPTConfig, resolve_model_config
-from model.gpt import RECOMPUTE_MODES
 from parallel.mesh import Layout
 from parallel.pipeline.schedules import SCHEDULES, ScheduleError
 from parallel.pipeline.sources import is_user_schedule, prepare_schedule
@@ -26,7 +25,6 @@ class ConfigError(ValueError):
     """An invalid configuration, found before any rank starts."""
 
 
-MIXED_PRECISION = (None, "bf16", "fp16")  # values of train.mixed_precision
 
 
 @dataclass
@@ -261,12 +259,9 @@ def validate(config: RunConfig) -> None:
 
 
 def _memory_problems(config: RunConfig) -> list[str]:
-    """Return the broken rules of recomputation and mixed precision that the compatibility
-    table does not hold."""
+    """Return the broken rules of recomputation that the compatibility table does not hold."""
     tr = config.train
     problems = []
-    if tr.recompute not in RECOMPUTE_MODES:
-        problems.append(f"train.recompute={tr.recompute!r} must be one of {list(RECOMPUTE_MODES)}")
     if tr.recompute_layers is not None:
         if tr.recompute != "full":
             problems.append(f"train.recompute_layers={tr.recompute_layers} applies only to "
@@ -274,11 +269,6 @@ def _memory_problems(config: RunConfig) -> list[str]:
         elif tr.recompute_layers < 1:
             problems.append(f"train.recompute_layers={tr.recompute_layers} must be at least 1, or "
                             f"null to recompute every block")
-    if tr.mixed_precision not in MIXED_PRECISION:
-        problems.append(f"train.mixed_precision={tr.mixed_precision!r} must be null, bf16 or fp16")
-    elif tr.mixed_precision is not None and tr.dtype != "float32":
-        problems.append(f"train.mixed_precision={tr.mixed_precision} needs float32 master weights, "
-                        f"but train.dtype={tr.dtype}; set train.dtype=float32")
     return problems
 
 
