@@ -20,7 +20,7 @@ import torch.nn as nn
 from benchmarks.peer_model import PeerGPT, load_full_weights, token_loss_sum
 from benchmarks.workload import Workload, batches, full_weights, peak_memory_mib, reset_peak_memory, run_steps
 from model.build import partition_layers
-from training.optim import build_optimizer, learning_rate
+from training.optim import learning_rate, parameter_groups
 
 # name -> (class name in torch.distributed.pipelining, stages per rank, placement)
 PIPELINING_SCHEDULES = {
@@ -38,15 +38,10 @@ CPU = torch.device("cpu")
 class _Step:
     """The optimizer half of a step, shared by the peers: clip by a global norm, then AdamW."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], workload: Workload,
-                 split_by_type: bool = False):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], workload: Workload):
         self.config = workload.run_config().train
         self.params = [p for _, p in named_params]
-        groups = [named_params]
-        if split_by_type:
-            # AdamW's foreach path takes one tensor type per group: DTensors apart from tensors.
-            groups = [[(n, p) for n, p in named_params if _is_dtensor(p) == flag] for flag in (True, False)]
-        self.optimizers = [build_optimizer(g, self.config) for g in groups if g]
+        self.optimizer = _adamw(named_params, self.config)
 
     def finish(self, index: int, squared_norm: torch.Tensor) -> None:
         norm = float(squared_norm.sqrt())
@@ -57,11 +52,18 @@ class _Step:
                     if param.grad is not None:
                         param.grad.mul_(scale)
         lr = learning_rate(index, self.config)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _adamw(named_params, config) -> torch.optim.AdamW:
+    """AdamW as a PyTorch user writes it: microtron's parameter groups and hyperparameters, and
+    PyTorch's default choice of implementation (on CPU, a loop over the tensors). microtron's own
+    trainer uses the fused implementation, which is the same update computed faster."""
+    return torch.optim.AdamW(parameter_groups(named_params, config.weight_decay), lr=config.lr,
+                             betas=(config.beta1, config.beta2), eps=config.eps)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -212,7 +214,7 @@ def tensor_parallel_job(rank: int, world_size: int, point: dict, workload_dict: 
         parallelize_module(block, mesh, plan)
 
     named = list(model.named_parameters())
-    optimizer = _Step(named, workload, split_by_type=True)
+    optimizer = _Step(named, workload)
     data = batches(config)
     m = config.layout.micro_batches
     scale = 1.0 / (workload.global_batch * workload.seq_len)
