@@ -7,6 +7,11 @@ the buffer, filled in reverse parameter order (the order in which backward produ
 
 Two reductions:
   `average`: all-reduce every bucket; every replica ends with the whole averaged gradient.
+    After `overlap_with_backward`, a bucket's all-reduce starts during backward, as soon as
+    every gradient in it has received its last contribution of the step, and `average` only
+    starts the rest and waits. How many contributions each parameter receives per step is
+    counted in the first step, which reduces everything at the end; the schedule and the model
+    give the same count every step, and every replica launches its buckets in the same order.
   `reduce_scatter_average`: for the distributed optimizer (ZeRO-1). Each bucket is padded to a
     multiple of dp and viewed as dp equal chunks. Member i of the dp group ends with the average
     of chunk i of every bucket (its shard), and the rest of its buffer stays unreduced.
@@ -15,6 +20,7 @@ Two reductions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -77,6 +83,7 @@ class GradientBuffer:
             for param in group_params:
                 param.grad = self.view_of(param, buffer)
         self.buckets = [self.buffers[b.buffer_index][b.start:b.end] for b in self.bucket_ranges]
+        self._overlap: _Overlap | None = None
 
     def view_of(self, param: nn.Parameter, buffer: torch.Tensor) -> torch.Tensor:
         """Return the view of `param`'s range in `buffer` (this buffer, or one laid out like it)."""
@@ -86,6 +93,21 @@ class GradientBuffer:
     def zero(self) -> None:
         for buffer in self.buffers:
             buffer.zero_()
+        if self._overlap is not None:
+            self._overlap.start_step()
+
+    @property
+    def buckets_started_in_backward(self) -> int:
+        """Return how many buckets of the last step started their all-reduce during backward."""
+        return 0 if self._overlap is None else self._overlap.early
+
+    def overlap_with_backward(self, held_back: Iterable[nn.Parameter] = ()) -> None:
+        """All-reduce each bucket during backward once its gradients are final (see the module
+        doc). Buckets that hold a parameter of `held_back`, whose gradient is still changed
+        after backward (the tied embedding, sequence-parallel LayerNorms), wait for `average`."""
+        if self.group.size == 1 or self._overlap is not None:
+            return
+        self._overlap = _Overlap(self, {id(p) for p in held_back})
 
     def check_views(self) -> None:
         """Raise if something replaced a `.grad` view (for example zero_grad(set_to_none=True))."""
@@ -101,7 +123,10 @@ class GradientBuffer:
         """Average every gradient over the dp group: all buckets in flight at once, then wait."""
         if self.group.size == 1:
             return
-        works = [comm.all_reduce(bucket, self.group, async_op=True) for bucket in self.buckets]
+        if self._overlap is not None:
+            works = self._overlap.finish_step()
+        else:
+            works = [comm.all_reduce(bucket, self.group, async_op=True) for bucket in self.buckets]
         for work in works:
             work.wait()
         for buffer in self.buffers:
@@ -123,6 +148,64 @@ class GradientBuffer:
             work.wait()
             start, end = bucket.chunk(self.group.rank, self.group.size)
             self.buffers[bucket.buffer_index][start:end].copy_(out).mul_(1.0 / self.group.size)
+
+
+class _Overlap:
+    """Counts each parameter's gradient contributions in a step and starts a bucket's
+    all-reduce when the last of its gradients has had its last contribution."""
+
+    def __init__(self, grads: GradientBuffer, held_back: set[int]):
+        self.grads = grads
+        self.bucket_of: dict[int, int] = {}
+        for param in grads.params:
+            buffer_index, offset = grads.offsets[id(param)]
+            self.bucket_of[id(param)] = next(
+                i for i, b in enumerate(grads.bucket_ranges)
+                if b.buffer_index == buffer_index and b.start <= offset < b.end)
+            # Autograd calls the hook after it adds a gradient; `weight_grad.accumulate_grad`
+            # calls the attribute after it adds a deferred weight gradient.
+            param.register_post_accumulate_grad_hook(self.accumulated)
+            param.on_grad_accumulated = self.accumulated
+        self.held = {self.bucket_of[i] for i in held_back if i in self.bucket_of}
+        self.expected: dict[int, int] | None = None  # contributions per parameter, once counted
+        self.start_step()
+
+    def start_step(self) -> None:
+        self.seen = dict.fromkeys(self.bucket_of, 0)
+        self.works: dict[int, object] = {}
+        self.early = 0
+        if self.expected is not None:
+            self.waiting = [0] * len(self.grads.buckets)
+            for key, count in self.expected.items():
+                if count > 0:
+                    self.waiting[self.bucket_of[key]] += 1
+
+    def accumulated(self, param: nn.Parameter) -> None:
+        key = id(param)
+        self.seen[key] += 1
+        if self.expected is None:
+            return
+        bucket = self.bucket_of[key]
+        if self.seen[key] > self.expected[key]:
+            raise RuntimeError(
+                f"a gradient of shape {tuple(param.shape)} received contribution {self.seen[key]} "
+                f"in this step but {self.expected[key]} in the first one, after its bucket's "
+                f"all-reduce had started; the step's backward passes must not change between steps")
+        if self.seen[key] == self.expected[key]:
+            self.waiting[bucket] -= 1
+            if self.waiting[bucket] == 0 and bucket not in self.held:
+                self.works[bucket] = comm.all_reduce(self.grads.buckets[bucket], self.grads.group,
+                                                     async_op=True)
+                self.early += 1
+
+    def finish_step(self) -> list:
+        """Start the buckets that have not started, in bucket order; return every bucket's work."""
+        if self.expected is None:
+            self.expected = dict(self.seen)
+        for index, bucket in enumerate(self.grads.buckets):
+            if index not in self.works:
+                self.works[index] = comm.all_reduce(bucket, self.grads.group, async_op=True)
+        return list(self.works.values())
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -49,8 +49,12 @@ def run_deferred(queue: list[Callable[[], None]]) -> None:
 
 
 def accumulate_grad(param, grad) -> None:
-    """Add `grad` to `param.grad` in place (it may be a view into a gradient buffer)."""
+    """Add `grad` to `param.grad` in place (it may be a view into a gradient buffer), then tell
+    the parameter's gradient buffer, if it watches contributions (`on_grad_accumulated`)."""
     if param.grad is None:
         param.grad = grad.to(param.dtype)
     else:
         param.grad.add_(grad)
+    notify = getattr(param, "on_grad_accumulated", None)
+    if notify is not None:
+        notify(param)

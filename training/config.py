@@ -73,6 +73,9 @@ class TrainConfig:
     recompute_layers: int | None = None  # with recompute=full: only the first k blocks per stage
     # ZeRO-1: shard AdamW's state over dp, reduce-scatter gradients, all-gather parameters.
     distributed_optimizer: bool = False
+    # Data parallelism reduces gradients in buckets of about this size; a bucket's all-reduce
+    # starts during backward once its gradients are final.
+    grad_bucket_mb: float = 4.0
 
 
 @dataclass
@@ -244,6 +247,8 @@ def validate(config: RunConfig) -> None:
     if tr.seq_len is not None and not 1 <= tr.seq_len <= m.n_positions:
         problems.append(f"seq_len={tr.seq_len} must be between 1 and n_positions={m.n_positions}")
     problems += _memory_problems(config)
+    if not tr.grad_bucket_mb > 0:
+        problems.append(f"train.grad_bucket_mb={tr.grad_bucket_mb} must be positive")
     if tr.steps < 0:
         problems.append(f"steps={tr.steps} must not be negative")
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -36,7 +36,8 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config: TrainC
     if config.distributed_optimizer:
         if dp_group is None:
             raise ValueError("the distributed optimizer needs the dp group")
-        return DistributedOptimizer(groups, dp_group, torch.optim.AdamW, **options)
+        return DistributedOptimizer(groups, dp_group, torch.optim.AdamW,
+                                    bucket_bytes=int(config.grad_bucket_mb * 2**20), **options)
     return torch.optim.AdamW(groups, **options)
 
 

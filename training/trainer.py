@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from model.build import build_chunks, initialize, named_parameters, partition_layers
 from model.gpt import ForwardContext
@@ -88,9 +89,10 @@ class Trainer:
         if isinstance(self.optimizer, DistributedOptimizer):
             self.grads = self.optimizer.grads
         else:
-            self.grads = GradientBuffer(self.params, mesh.dp)
+            self.grads = GradientBuffer(self.params, mesh.dp, bucket_bytes=int(train.grad_bucket_mb * 2**20))
+            self.grads.overlap_with_backward(held_back=self._grads_changed_after_backward())
         self.autocast_dtype = autocast_dtype(train.mixed_precision)
-        # NOTE: checkpoints do not store the loss scale; a resumed fp16 run starts again from the
+        # Checkpoints do not store the loss scale: a resumed fp16 run starts again from the
         # initial scale and lowers it at the first overflow.
         self.loss_scaler = DynamicLossScaler() if train.mixed_precision == "fp16" else None
 
@@ -203,6 +205,16 @@ class Trainer:
         if self.loss_scaler is None or not self._training:
             return 1.0
         return self.loss_scaler.scale
+
+    def _grads_changed_after_backward(self) -> list[nn.Parameter]:
+        """Return the parameters whose gradients `compute_gradients` still sums after the
+        pipeline's backward passes: the tied embedding and the sequence-parallel LayerNorms."""
+        held = []
+        if self.tied_copies and (self.holds_first_stage or self.holds_last_stage):
+            held.append(dict(self.named_params)["transformer.wte.weight"])
+        if self.mesh.tp.size > 1:
+            held += [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        return held
 
     def _sum_tied_embedding_grads(self) -> None:
         if not self.tied_copies or not (self.holds_first_stage or self.holds_last_stage):
