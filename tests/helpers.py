@@ -83,7 +83,8 @@ def _reference(frozen_overrides: tuple, steps: int, record_after: tuple):
 
 # Options that change memory and communication but not what a step computes: the reference runs
 # without them.
-MEMORY_ONLY_KEYS = ("train.recompute", "train.recompute_layers", "train.distributed_optimizer")
+MEMORY_ONLY_KEYS = ("train.recompute", "train.recompute_layers", "train.distributed_optimizer",
+                    "train.grad_bucket_mb")
 
 
 def reference(overrides: dict, steps: int = 3, record_after: tuple = (1, 3)):

@@ -130,3 +130,32 @@ def test_evaluation_changes_nothing_about_training():
     assert len(with_eval["val"]) == 3 and all(v > 0 for v in with_eval["val"])
     for name in without["params"]:
         assert torch.equal(with_eval["params"][name], without["params"][name]), name
+
+
+def _overlap_job(rank, world_size, overrides, steps):
+    trainer = make_trainer(rank, overrides)
+    losses = [trainer.train_step().loss for _ in range(steps)]
+    return {"losses": losses, "params": trainer.gather_model(),
+            "started_in_backward": trainer.grads.buckets_started_in_backward,
+            "buckets": len(trainer.grads.buckets)}
+
+
+_OVERLAP_CASES = [(1, 1, "1f1b"), (1, 2, "1f1b"), (2, 2, "zb-h1"), (1, 2, "zb-v")]
+
+
+@pytest.mark.parametrize("tp,pp,schedule", _OVERLAP_CASES,
+                         ids=[f"tp{t}-pp{p}-{s}" for t, p, s in _OVERLAP_CASES])
+def test_dp_reduction_overlapped_with_backward(tp, pp, schedule):
+    # Buckets of a few KiB, so that most start during the last backward passes; the first step
+    # counts gradient contributions, and steps 2 and 3 overlap.
+    extra = {"train.grad_bucket_mb": 0.01}
+    if schedule == "zb-v":
+        extra["layout.virtual_stages"] = 2
+    overrides = _layout_overrides(tp=tp, pp=pp, dp=2, schedule=schedule, micro_batches=2 * pp, **extra)
+    layout = Layout(tp, pp, 2)
+    results = run_job(_overlap_job, layout, overrides, 3)
+    expected = reference(overrides, 3)
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(expected["losses"], rel=1e-10), f"rank {rank}"
+        assert 0 < result["started_in_backward"] <= result["buckets"], f"rank {rank}"
+    assert_params_close(results[0]["params"], expected["params"][3])
