@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "its published tables (default microtron)")
     parser.add_argument("--include-declared", action="store_true",
                         help="also cost strategies the compatibility table declares but this build "
-                             "cannot run yet (such as sequence parallelism)")
+                             "cannot run yet (untied embeddings)")
     parser.add_argument("--schedules", help="comma-separated schedules to consider (default: all)")
     parser.add_argument("--tp", help="comma-separated tp sizes to consider (default: all)")
     parser.add_argument("--pp", help="comma-separated pp sizes to consider (default: all)")

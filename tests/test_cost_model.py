@@ -55,7 +55,7 @@ def test_published_layout_fits_and_is_ranked(run):
     strategy = run.layouts[0].strategy
     space = SearchSpace(schedules=("1f1b", "interleaved-1f1b"), recompute=(strategy.recompute,),
                         sequence_parallel=(strategy.sequence_parallel,), zero1=(False,),
-                        micro_batch_sizes=(1, 2, 4, 8), include_declared=True)
+                        micro_batch_sizes=(1, 2, 4, 8))
     result = plan(run.workload, MEGATRON_A100, run.layouts[0].devices, keep=3, space=space)
     top = result.ranked[:3]
     assert len(top) == 3

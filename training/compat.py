@@ -101,6 +101,7 @@ class Axis:
     title: str
     defaults: tuple[tuple[str, object], ...]
     choices: tuple[Choice, ...]
+    rule: str = ""  # the reason some combinations of the axis's keys select no value
 
     def choice(self, value) -> Choice:
         for choice in self.choices:
@@ -137,7 +138,7 @@ AXES: tuple[Axis, ...] = (
         Choice("float64", "float64", (("train.dtype", "float64"),)),
         Choice("bf16", "bf16", (("train.mixed_precision", "bf16"),)),
         Choice("fp16", "fp16", (("train.mixed_precision", "fp16"),)),
-    )),
+    ), rule="mixed precision needs float32 master weights, so it takes train.dtype=float32"),
 )
 AXIS_BY_NAME = {axis.name: axis for axis in AXES}
 
@@ -221,15 +222,45 @@ def strategy_of(config) -> tuple[Strategy | None, list[str]]:
         if match:
             values[axis.name] = match[0].value
             continue
-        given = ", ".join(f"{key}={value!r}" for key, value in found.items() if config_has_key(key))
-        options = "; ".join(
-            f"{c.label}: " + ", ".join(f"{k}={v!r}" for k, v in axis.assignment(c).items()
-                                      if config_has_key(k))
-            for c in axis.choices if status(axis.name, c.value) == RUNS)
-        problems.append(f"{given} selects no {axis.title} setting; valid settings are {options}")
+        problems.append(_no_choice_problem(axis, found))
     if problems:
         return None, problems
     return Strategy(**values), []
+
+
+def _no_choice_problem(axis: Axis, found: dict[str, object]) -> str:
+    """Return why the config values `found` of the axis's keys select none of its values: a key
+    with a value no setting uses, or else a combination that the axis's rule excludes."""
+    runnable = [c for c in axis.choices if status(axis.name, c.value) == RUNS]
+    options = "; ".join(
+        f"{c.label}: " + ", ".join(f"{k}={v!r}" for k, v in axis.assignment(c).items() if config_has_key(k))
+        for c in runnable)
+    for key, value in found.items():
+        allowed = list(dict.fromkeys(axis.assignment(c)[key] for c in runnable))
+        if config_has_key(key) and value not in allowed:
+            return (f"{key}={value!r} must be {_either(allowed)}; the valid {axis.title} settings "
+                    f"are {options}")
+
+    config_values = ", ".join(f"{key}={value!r}" for key, value in found.items() if config_has_key(key))
+    reason = f" because {axis.rule}" if axis.rule else ""
+    return f"{config_values} selects no {axis.title} setting{reason}; valid settings are {options}"
+
+
+def _either(values: list) -> str:
+    """Join values as YAML writes them (null, true), as in 'a, b or c'."""
+    words = [yaml_word(value) for value in values]
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def yaml_word(value) -> str:
+    """Format a config value as it is written in YAML: None as null, booleans in lower case."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _config_value(config, key: str, default):
@@ -430,6 +461,8 @@ def markdown_table() -> str:
         lines.append(f"| {axis.title} | {', '.join(cells)} | {', '.join(keys) or '-'} |")
     lines += ["", "Every schedule combines with every value of the other axes, under these rules:", ""]
     lines += [f"- {rule.name} ({' x '.join(rule.axes)}): {rule.text}." for rule in RULES]
+    lines += [f"- {axis.title} ({' x '.join(key for key, _ in axis.defaults)}): {axis.rule}." for axis in AXES
+              if axis.rule]
     lines += [f"- {AXIS_BY_NAME[name].title} is accepted but changes nothing {why}." for name, why in
               NO_EFFECT.items()]
     lines += ["", "A value marked declared has its rules set, but this build's run config has no "

@@ -140,6 +140,7 @@ def _check_order(schedule: Schedule) -> Failure | None:
 def _required_transfers(schedule: Schedule) -> dict[Action, tuple[Action, Action]]:
     """Return each communication action the compute actions need -> (producer, consumer)."""
     last, owner = schedule.num_stages - 1, schedule.stage_ranks
+    present = {a for actions in schedule.actions for a in actions}
     needed = {}
     for actions in schedule.actions:
         for a in actions:
@@ -150,14 +151,10 @@ def _required_transfers(schedule: Schedule) -> dict[Action, tuple[Action, Action
                 needed[Action(s + 1, "RF", mb)] = (a, consumer)
             elif a.kind in ("B", "I") and s > 0 and owner[s - 1] != owner[s]:
                 consumer = next((Action(s - 1, k, mb) for k in ("B", "I")
-                                 if _occurs(schedule, Action(s - 1, k, mb))), Action(s - 1, "B", mb))
+                                 if Action(s - 1, k, mb) in present), Action(s - 1, "B", mb))
                 needed[Action(s, "SB", mb)] = (a, consumer)
                 needed[Action(s - 1, "RB", mb)] = (a, consumer)
     return needed
-
-
-def _occurs(schedule: Schedule, action: Action) -> bool:
-    return any(action in actions for actions in schedule.actions)
 
 
 def _check_communication(schedule: Schedule) -> Failure | None:
