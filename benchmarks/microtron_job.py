@@ -26,7 +26,8 @@ def microtron_job(rank: int, world_size: int, point: dict, workload_dict: dict) 
         tp=point.get("tp", 1), pp=point.get("pp", 1), dp=point.get("dp", 1),
         schedule=point.get("schedule", "1f1b"), micro_batches=point.get("micro_batches"),
         virtual_stages=point.get("virtual_stages", 1),
-        layers_per_stage=point.get("layers_per_stage"), threads=point.get("threads", 1))
+        layers_per_stage=point.get("layers_per_stage"), threads=point.get("threads", 1),
+        zero1=point.get("zero1", False))
     mesh = Mesh(config.layout.mesh, rank)
     set_label(mesh.describe())
     trainer = Trainer(config, mesh, corpus_tokens(config.data.path))

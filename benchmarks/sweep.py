@@ -51,6 +51,7 @@ class Point:
     micro_batches: int | None = None  # None: the workload's
     layers_per_stage: tuple[int, ...] | None = None
     threads: int = 1  # torch threads per rank
+    zero1: bool = False  # microtron's distributed optimizer over dp (ZeRO-1)
 
     @property
     def world_size(self) -> int:
@@ -78,6 +79,8 @@ class Point:
                 parts.append("split " + "-".join(str(n) for n in self.layers_per_stage))
         if self.micro_batches is not None:
             parts.append(f"m{self.micro_batches}")
+        if self.zero1:
+            parts.append("zero1")
         return " ".join(parts)
 
     @property
@@ -172,7 +175,7 @@ def _problems(point: Point, workload: Workload | None) -> list[str]:
         try:
             workload.run_config(point.tp, point.pp, point.dp, point.schedule, point.micro_batches,
                                 point.virtual_stages, list(point.layers_per_stage or []) or None,
-                                point.threads)
+                                point.threads, point.zero1)
         except ValueError as error:
             return [f"{point.label}: {error}"]
         return []
@@ -184,6 +187,8 @@ def _peer_problems(point: Point) -> list[str]:
     problems = [f"{point.label}: {axis}={getattr(point, axis)} is not supported by {point.impl}; "
                 f"leave it at 1" for axis in ("tp", "pp", "dp")
                 if axis not in allowed and getattr(point, axis) != 1]
+    if point.zero1:
+        problems.append(f"{point.label}: zero1 is microtron's distributed optimizer; remove it")
     if point.impl == "torch-pipelining":
         if point.pp < 2:
             problems.append(f"{point.label}: torch-pipelining needs pp >= 2")

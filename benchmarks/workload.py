@@ -52,7 +52,8 @@ class Workload:
 
     def run_config(self, tp: int = 1, pp: int = 1, dp: int = 1, schedule: str = "1f1b",
                    micro_batches: int | None = None, virtual_stages: int = 1,
-                   layers_per_stage: list[int] | None = None, threads: int = 1) -> RunConfig:
+                   layers_per_stage: list[int] | None = None, threads: int = 1,
+                   zero1: bool = False) -> RunConfig:
         """Return the validated microtron run config of this workload in the given layout."""
         overrides = {
             "layout.tp": tp, "layout.pp": pp, "layout.dp": dp, "layout.schedule": schedule,
@@ -60,7 +61,8 @@ class Workload:
             "layout.virtual_stages": virtual_stages, "layout.layers_per_stage": layers_per_stage,
             "train.global_batch": self.global_batch, "train.seq_len": self.seq_len,
             "train.dtype": self.dtype, "train.steps": self.total_steps, "train.seed": self.seed,
-            "train.lr": self.lr, "run.out": None, "run.threads_per_rank": threads,
+            "train.lr": self.lr, "train.distributed_optimizer": zero1, "run.out": None,
+            "run.threads_per_rank": threads,
         }
         overrides.update({f"train.{key}": value for key, value in self.train.items()})
         overrides.update({f"model.{key}": value for key, value in self.model.to_dict().items()})
