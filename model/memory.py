@@ -63,8 +63,8 @@ backward: one recomputed core (selective) or one recomputed block (full), which
 
 Outside the layers, the first stage saves the token ids (int64, plus a bool mask when t > 1) and
 the positions. The last stage saves the final LayerNorm's input and statistics, the head's input
-(c s b h / d), and the loss's softmax over this rank's vocabulary slice (w b s V / t) with its
-targets.
+(c s b h / d), and the loss's log-softmax over this rank's vocabulary slice (w b s V / t) with
+the gap between each token's local and global log-sum-exp (w b s) and its targets.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def head_activation_bytes(config: GPTConfig, setting: ActivationSetting) -> int:
     padded_vocab = -(-config.vocab_size // t) * t
     layer_norm = r * sbh // d + 2 * w * b * s // d
     head_input = c * sbh // d
-    loss = w * b * s * padded_vocab // t + INT64 * b * s + BOOL * b * s
+    loss = w * b * s * (padded_vocab // t + 1) + INT64 * b * s + BOOL * b * s
     padding_mask = BOOL * padded_vocab // t if padded_vocab != config.vocab_size else 0
     return layer_norm + head_input + loss + padding_mask
 
