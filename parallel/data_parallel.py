@@ -9,9 +9,9 @@ Two reductions:
   `average`: all-reduce every bucket; every replica ends with the whole averaged gradient.
     After `overlap_with_backward`, a bucket's all-reduce starts during backward, as soon as
     every gradient in it has received its last contribution of the step, and `average` only
-    starts the rest and waits. How many contributions each parameter receives per step is
-    counted in the first step, which reduces everything at the end; the schedule and the model
-    give the same count every step, and every replica launches its buckets in the same order.
+    starts the rest and waits. The first step counts how many contributions each parameter
+    receives and reduces everything at the end. The schedule and the model give the same count
+    every step, so every replica launches its buckets in the same order.
   `reduce_scatter_average`: for the distributed optimizer (ZeRO-1). Each bucket is padded to a
     multiple of dp and viewed as dp equal chunks. Member i of the dp group ends with the average
     of chunk i of every bucket (its shard), and the rest of its buffer stays unreduced.
@@ -166,7 +166,7 @@ class _Overlap:
             # calls the attribute after it adds a deferred weight gradient.
             param.register_post_accumulate_grad_hook(self.accumulated)
             param.on_grad_accumulated = self.accumulated
-        self.held = {self.bucket_of[i] for i in held_back if i in self.bucket_of}
+        self.deferred_buckets = {self.bucket_of[i] for i in held_back if i in self.bucket_of}
         self.expected: dict[int, int] | None = None  # contributions per parameter, once counted
         self.start_step()
 
@@ -193,7 +193,7 @@ class _Overlap:
                 f"all-reduce had started; the step's backward passes must not change between steps")
         if self.seen[key] == self.expected[key]:
             self.waiting[bucket] -= 1
-            if self.waiting[bucket] == 0 and bucket not in self.held:
+            if self.waiting[bucket] == 0 and bucket not in self.deferred_buckets:
                 self.works[bucket] = comm.all_reduce(self.grads.buckets[bucket], self.grads.group,
                                                      async_op=True)
                 self.early += 1
