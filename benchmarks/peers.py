@@ -86,6 +86,17 @@ def _result(seconds, cpu_seconds, losses, memory) -> dict:
 # Plain PyTorch in one process
 
 
+def _accumulate_gradients(model, inputs, targets, micro_batches: int, scale: float) -> float:
+    """Run forward and backward over `micro_batches` equal slices of the batch, accumulating
+    gradients; return the summed, scaled loss."""
+    total = 0.0
+    for ids, tgt in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
+        loss = token_loss_sum(model(ids), tgt, scale)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def torch_job(rank: int, world_size: int, point: dict, workload_dict: dict) -> dict:
     workload = Workload.from_dict(workload_dict)
     config = workload.run_config(micro_batches=point.get("micro_batches"))
@@ -99,11 +110,7 @@ def torch_job(rank: int, world_size: int, point: dict, workload_dict: dict) -> d
 
     def step(index: int) -> None:
         inputs, targets = data.train_batch(index, workload.global_batch)
-        total = 0.0
-        for ids, tgt in zip(inputs.chunk(m), targets.chunk(m)):
-            loss = token_loss_sum(model(ids), tgt, scale)
-            loss.backward()
-            total += loss.item()
+        total = _accumulate_gradients(model, inputs, targets, m, scale)
         optimizer.finish(index, _squared_sum(p.grad for p in model.parameters()))
         losses.append(total)
 
@@ -222,11 +229,7 @@ def tensor_parallel_job(rank: int, world_size: int, point: dict, workload_dict: 
 
     def step(index: int) -> None:
         inputs, targets = data.train_batch(index, workload.global_batch)
-        total = 0.0
-        for ids, tgt in zip(inputs.chunk(m), targets.chunk(m)):
-            loss = token_loss_sum(model(ids), tgt, scale)
-            loss.backward()
-            total += loss.item()
+        total = _accumulate_gradients(model, inputs, targets, m, scale)
         optimizer.finish(index, _tensor_parallel_squared_norm(named))
         losses.append(total)
 
