@@ -138,7 +138,7 @@ def _runnable_lines(workload: Workload, candidate: Candidate) -> str:
         return f"error: the trainer rejects the first layout, which the planner allowed:\n{error}"
     model_keys = {k: v for k, v in workload.model.to_dict().items() if v != getattr(GPTConfig(), k)}
     sets = " ".join(f"--set model.{k}={v}" for k, v in model_keys.items())
-    layout = " ".join(f"--set {k}={v}" for k, v in candidate.overrides().items())
+    layout = " ".join(f"--set {k}={compat.yaml_word(v)}" for k, v in candidate.overrides().items())
     return (f"the trainer accepts the first layout; to run it:\n  python scripts/train.py "
             f"--global-batch {workload.global_batch} --set train.seq_len={workload.seq_len} {sets} {layout}")
 

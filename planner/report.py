@@ -30,7 +30,7 @@ def format_text(result: PlanResult, top: int, cluster_name: str) -> str:
     m = w.model
     lines = [
         f"model: {m.n_layer} layers, hidden {m.n_embd}, {m.n_head} heads, vocabulary {m.vocab_size}, "
-        f"{m.num_parameters() / 1e9:.3g}B parameters; sequence {w.seq_len}, global batch {w.global_batch}, "
+        f"{_parameter_count(m.num_parameters())} parameters; sequence {w.seq_len}, global batch {w.global_batch}, "
         f"{w.dtype}",
         f"cluster: {cluster_name}, {result.devices} devices",
         _counts_line(result),
@@ -121,3 +121,11 @@ def _estimate_json(e: Estimate) -> dict:
                        "optimizer": m.optimizer / GIB, "activations": m.activations / GIB,
                        "workspace": m.workspace / GIB, "pipeline_rank": m.rank},
     }
+
+
+def _parameter_count(count: int) -> str:
+    """Return a parameter count as 7.4M, 1.3B or 1.01T."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:,}"

@@ -84,7 +84,11 @@ def main(argv=None) -> int:
         write_chrome_trace(args.trace, simulated, time_unit_s=1e-3)
 
     if args.out:
-        draw_timelines(panels, args.out)
+        try:
+            draw_timelines(panels, args.out)
+        except RuntimeError as error:  # matplotlib is missing
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     return 0
 

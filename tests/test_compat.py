@@ -117,8 +117,8 @@ def test_strategy_of_config():
 def test_unknown_dtype_is_rejected_by_validation():
     with pytest.raises(ConfigError) as error:
         validate(load_run_config(None, {"model.preset": "tiny", "train.dtype": "float16"}))
-    assert "train.dtype='float16' must be float32 or float64" in str(error.value)
-    assert "fp16: train.dtype='float32', train.mixed_precision='fp16'" in str(error.value)
+    assert "train.dtype=float16 must be float32 or float64" in str(error.value)
+    assert "fp16: train.dtype=float32, train.mixed_precision=fp16" in str(error.value)
 
 
 def test_mixed_precision_needs_float32_weights():

@@ -24,5 +24,5 @@ def test_recompute_matches_single_process(case):
 def test_recompute_layers_needs_full_mode():
     with pytest.raises(ConfigError, match="recompute_layers=2 applies only to recompute=full"):
         run_config({"train.recompute": "selective", "train.recompute_layers": 2})
-    with pytest.raises(ConfigError, match="recompute='some' must be none, selective or full"):
+    with pytest.raises(ConfigError, match="recompute=some must be none, selective or full"):
         run_config({"train.recompute": "some"})

@@ -35,7 +35,7 @@ def test_train_logs_saves_samples_and_resumes(tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_s"):
         assert all(key in r for r in records), f"every JSON record has {key}"
     assert "val_loss" in records[1], "evaluation runs every eval_interval steps"
-    assert "stage 0 (pp rank 0): layers 0-0; stage 1 (pp rank 1): layers 1-1" in first.stderr
+    assert "stage 0 (pp rank 0): layer 0; stage 1 (pp rank 1): layer 1" in first.stderr
     assert "step     4/4" in first.stderr
     assert "final validation loss" in first.stderr
     assert "sample:" in first.stderr

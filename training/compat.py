@@ -233,15 +233,17 @@ def _no_choice_problem(axis: Axis, found: dict[str, object]) -> str:
     with a value no setting uses, or else a combination that the axis's rule excludes."""
     runnable = [c for c in axis.choices if status(axis.name, c.value) == RUNS]
     options = "; ".join(
-        f"{c.label}: " + ", ".join(f"{k}={v!r}" for k, v in axis.assignment(c).items() if config_has_key(k))
+        f"{c.label}: " + ", ".join(f"{k}={yaml_word(v)}" for k, v in axis.assignment(c).items()
+                                  if config_has_key(k))
         for c in runnable)
     for key, value in found.items():
         allowed = list(dict.fromkeys(axis.assignment(c)[key] for c in runnable))
         if config_has_key(key) and value not in allowed:
-            return (f"{key}={value!r} must be {_either(allowed)}; the valid {axis.title} settings "
+            return (f"{key}={yaml_word(value)} must be {_either(allowed)}; the valid {axis.title} settings "
                     f"are {options}")
 
-    config_values = ", ".join(f"{key}={value!r}" for key, value in found.items() if config_has_key(key))
+    config_values = ", ".join(f"{key}={yaml_word(value)}" for key, value in found.items()
+                              if config_has_key(key))
     reason = f" because {axis.rule}" if axis.rule else ""
     return f"{config_values} selects no {axis.title} setting{reason}; valid settings are {options}"
 

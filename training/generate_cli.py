@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    log.info("generating from %s (step %d)", job.checkpoint, checkpoint.read_meta(job.checkpoint)["step"])
     world_size = job.tp * job.pp
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:

@@ -262,6 +262,14 @@ class Trainer:
         parts = []
         for stage, layers in enumerate(self.layer_ranges):
             rank = self.schedule.stage_ranks[stage]
-            parts.append(f"stage {stage} (pp rank {rank}): layers {layers.start}-{layers.stop - 1}"
-                         if len(layers) else f"stage {stage} (pp rank {rank}): no layers")
+            parts.append(f"stage {stage} (pp rank {rank}): {_layer_span(layers)}")
         return "; ".join(parts)
+
+
+def _layer_span(layers: range) -> str:
+    """Return 'layer 3', 'layers 0-4' or 'no layers' for a stage's range of layers."""
+    if len(layers) == 0:
+        return "no layers"
+    if len(layers) == 1:
+        return f"layer {layers.start}"
+    return f"layers {layers.start}-{layers.stop - 1}"

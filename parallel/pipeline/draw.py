@@ -1,6 +1,6 @@
 """Draw schedule timelines: one row per rank, one box per compute action, labelled by micro-batch.
 
-Uses matplotlib, the optional `plot` extra (pip install "microtron[plot]"). Forward, full
+Uses matplotlib, the optional `plot` extra (pip install -e ".[plot]" in a clone). Forward, full
 backward, input backward and weight backward boxes get distinct colours; gaps are bubbles.
 """
 
@@ -24,8 +24,8 @@ def draw_timelines(panels: list[tuple[str, SimulationResult, str]], path: str | 
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
     except ImportError as error:
-        raise RuntimeError("drawing needs matplotlib: pip install 'microtron[plot]' or "
-                           "pip install matplotlib") from error
+        raise RuntimeError("drawing needs matplotlib, the `plot` extra: pip install -e \".[plot]\" "
+                           "in a clone of microtron, or pip install matplotlib") from error
 
     num_ranks = max(result.num_ranks for _, result, _ in panels)
     figure, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 0.55 * num_ranks + 1.6),
