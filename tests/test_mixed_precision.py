@@ -10,6 +10,7 @@ from parallel.mesh import Layout
 from tests.helpers import make_trainer, run_config, run_job, train_job
 from training.config import ConfigError
 from training.precision import DynamicLossScaler
+from training.resume import resume, save_checkpoint
 
 FP32 = {"train.dtype": "float32"}
 BF16 = {**FP32, "train.mixed_precision": "bf16"}
@@ -66,6 +67,23 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     assert 0 < stats.loss < 10
     assert not torch.equal(dict(trainer.named_params)["transformer.wte.weight"],
                            before["transformer.wte.weight"])
+
+
+def test_fp16_resume_restores_loss_scale(tmp_path):
+    torch.set_num_threads(1)
+    overrides = {**FP32, "train.mixed_precision": "fp16"}
+    trainer = make_trainer(0, overrides)
+    trainer.loss_scaler.scale = 2.0**10
+    trainer.train_step()
+    trainer.train_step()
+    saved = trainer.loss_scaler.state_dict()
+    path = save_checkpoint(trainer, trainer.config, tmp_path)
+
+    resumed = make_trainer(0, overrides)
+    assert resumed.loss_scaler.scale != saved["scale"]
+    resume(resumed, resumed.config, path)
+    assert resumed.loss_scaler.state_dict() == saved
+    assert resumed.train_step().loss == trainer.train_step().loss
 
 
 def test_loss_scaler_grows_after_interval():

@@ -37,6 +37,15 @@ class DynamicLossScaler:
         self.min_scale = min_scale
         self._good_steps = 0
 
+    def state_dict(self) -> dict:
+        """Return the scale and the count of finite steps since it last changed (plain numbers,
+        stored in a checkpoint's metadata)."""
+        return {"scale": self.scale, "good_steps": self._good_steps}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.scale = float(saved["scale"])
+        self._good_steps = int(saved["good_steps"])
+
     def update(self, grad_norm: float) -> bool:
         """Update the scale after a backward pass whose gradient norm was `grad_norm`.
 

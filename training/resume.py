@@ -62,10 +62,12 @@ def save_checkpoint(trainer, config: RunConfig, folder: str | Path, extras: dict
     optimizer = trainer.gather_optimizer()
     rng = state.gather_rng_states(trainer.mesh, trainer.device)
 
+    meta = checkpoint_meta(config, trainer.step)
+    if trainer.loss_scaler is not None:
+        meta["loss_scaler"] = trainer.loss_scaler.state_dict()
     path = None
     if trainer.mesh.rank == 0:
-        path = checkpoint.save(folder, trainer.step, model, optimizer, rng,
-                               {**checkpoint_meta(config, trainer.step), **(extras or {})},
+        path = checkpoint.save(folder, trainer.step, model, optimizer, rng, {**meta, **(extras or {})},
                                keep=config.run.keep, extra_files=extra_files)
         log.info("saved checkpoint %s", path)
     if trainer.mesh.layout.world_size > 1:
@@ -86,6 +88,8 @@ def resume(trainer, config: RunConfig, path: str | Path) -> Checkpoint:
     _load_into(trainer.load_model, ckpt.model, ckpt.path / checkpoint.MODEL)
     _load_into(trainer.load_optimizer, ckpt.optimizer, ckpt.path / checkpoint.OPTIMIZER)
     trainer.step = ckpt.step
+    if trainer.loss_scaler is not None and "loss_scaler" in ckpt.meta:
+        trainer.loss_scaler.load_state_dict(ckpt.meta["loss_scaler"])
     _restore_rng(trainer, config, ckpt)
     if trainer.mesh.rank == 0:
         _warn_about_changes(ckpt, config)

@@ -92,8 +92,6 @@ class Trainer:
             self.grads = GradientBuffer(self.params, mesh.dp, bucket_bytes=int(train.grad_bucket_mb * 2**20))
             self.grads.overlap_with_backward(held_back=self._grads_changed_after_backward())
         self.autocast_dtype = autocast_dtype(train.mixed_precision)
-        # Checkpoints do not store the loss scale: a resumed fp16 run starts again from the
-        # initial scale and lowers it at the first overflow.
         self.loss_scaler = DynamicLossScaler() if train.mixed_precision == "fp16" else None
 
         self.batches = TokenBatches(tokens, config.seq_len, config.data.val_fraction, train.seed)
