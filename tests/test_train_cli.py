@@ -4,6 +4,7 @@ another layout, and errors reported before any rank starts."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 import yaml
 
 from training import checkpoint
+from training.cli import _warn_about_earlier_checkpoints
+from training.config import load_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,3 +112,18 @@ def test_model_override_contradicting_checkpoint_rejected(straight_run, tmp_path
                   "--out", str(tmp_path / "run"))
     assert done.returncode == 2
     assert "model.n_layer=2 contradicts the checkpoint" in done.stderr
+
+
+def test_new_run_warns_about_earlier_checkpoints(tmp_path, caplog):
+    earlier = tmp_path / "step-0000600"
+    earlier.mkdir()
+    (earlier / "meta.json").write_text("{}")
+    config = load_run_config(None, {"run.out": str(tmp_path)})
+    with caplog.at_level(logging.WARNING, logger="microtron"):
+        _warn_about_earlier_checkpoints(config)
+    assert "already contains 1 checkpoint(s) of an earlier run (the newest: step-0000600)" in caplog.text
+
+    caplog.clear()
+    empty = load_run_config(None, {"run.out": str(tmp_path / "new")})
+    _warn_about_earlier_checkpoints(empty)
+    assert caplog.text == ""

@@ -227,6 +227,8 @@ def train_worker(rank: int, world_size: int, config_dict: dict) -> dict:
     if rank == 0:
         _log_start(config, trainer, corpus)
     start = start_checkpoint(config)
+    if rank == 0 and start is None:
+        _warn_about_earlier_checkpoints(config)
     start_ckpt = None
     if start is not None:
         kind, path = start
@@ -355,3 +357,16 @@ def _flatten(config_dict: dict) -> dict:
     """Turn {"train": {"lr": 1e-3}} into {"train.lr": 1e-3}, the form of overrides."""
     return {f"{section}.{key}": value for section, values in config_dict.items()
             for key, value in values.items()}
+
+
+def _warn_about_earlier_checkpoints(config: RunConfig) -> None:
+    """Warn when a new run saves into a folder that already contains another run's checkpoints,
+    because its own checkpoints join them and `latest` moves to the new run."""
+    if not config.run.out:
+        return
+    earlier = checkpoint.list_checkpoints(config.run.out)
+    if earlier:
+        log.warning("%s already contains %d checkpoint(s) of an earlier run (the newest: %s); this "
+                    "run adds its own and moves 'latest' to them. Pass --out DIR to keep runs apart, "
+                    "or --resume to continue the earlier run", config.run.out, len(earlier),
+                    earlier[-1].name)
