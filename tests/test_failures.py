@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from parallel import comm
 from parallel.launch import RankFailure, run_ranks, set_label, set_status
@@ -103,10 +104,13 @@ def test_cli_rejects_token_ids_beyond_vocabulary(tmp_path, capsys):
 def _raise_on_rank1(rank, world_size):
     mesh = Mesh(Layout(tp=world_size), rank)
     set_label(mesh.describe())
+    if rank == 0:
+        set_status("waiting in an all-reduce for rank 1")
+    # Rank 1 fails only once rank 0's status is posted, so that the report can show it.
+    dist.barrier()
     if rank == 1:
         set_status("computing the answer")
         raise ValueError("rank 1 cannot continue")
-    set_status("waiting in an all-reduce for rank 1")
     comm.all_reduce(torch.ones(4), mesh.tp)
 
 
