@@ -1,4 +1,4 @@
-"""What every benchmark point trains, and how a point's steps are timed.
+"""The workload that every benchmark point trains, and the timing of a point's steps.
 
 A `Workload` fixes the model, the global batch, its split into micro-batches, the dtype and the
 number of warm-up and timed steps. microtron and the PyTorch peers all draw the same batches from

@@ -188,9 +188,10 @@ class _Overlap:
         bucket = self.bucket_of[key]
         if self.seen[key] > self.expected[key]:
             raise RuntimeError(
-                f"a gradient of shape {tuple(param.shape)} received contribution {self.seen[key]} "
-                f"in this step but {self.expected[key]} in the first one, after its bucket's "
-                f"all-reduce had started; the step's backward passes must not change between steps")
+                f"unexpected gradient: the parameter of shape {tuple(param.shape)} received "
+                f"contribution {self.seen[key]} in this step, but only {self.expected[key]} in the "
+                f"first step, and its bucket's all-reduce has already started. Every step must "
+                f"run the same backward passes (the same schedule and micro-batches).")
         if self.seen[key] == self.expected[key]:
             self.waiting[bucket] -= 1
             if self.waiting[bucket] == 0 and bucket not in self.deferred_buckets:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from parallel.mesh import Layout
-from tests.helpers import assert_params_close, make_trainer, reference, run_job, train_job
+from tests.helpers import (assert_matches_reference, assert_params_close, make_trainer, reference,
+                           run_job, train_job)
 
 
 def _layout_overrides(tp=1, pp=1, dp=1, schedule="1f1b", micro_batches=None, **extra):
@@ -21,18 +22,6 @@ def _layout_overrides(tp=1, pp=1, dp=1, schedule="1f1b", micro_batches=None, **e
                  "layout.micro_batches": micro_batches or max(1, 2 * pp // dp)}
     overrides.update(extra)
     return overrides
-
-
-def _check_against_reference(overrides: dict, steps: int = 3):
-    layout = Layout(overrides["layout.tp"], overrides["layout.pp"], overrides["layout.dp"])
-    results = run_job(train_job, layout, overrides, steps)
-    expected = reference(overrides, steps)
-    for rank, result in enumerate(results):
-        assert result["losses"] == pytest.approx(expected["losses"], rel=1e-10), f"rank {rank}"
-    for step in (1, 3):
-        if step <= steps:
-            assert_params_close(results[0]["params"][step], expected["params"][step])
-    return results, expected
 
 
 _MATRIX = [
@@ -46,21 +35,21 @@ _MATRIX = [
 @pytest.mark.parametrize("tp,pp,dp,schedule", _MATRIX,
                          ids=[f"tp{t}-pp{p}-dp{d}-{s}" for t, p, d, s in _MATRIX])
 def test_layout_matches_single_process(tp, pp, dp, schedule):
-    _check_against_reference(_layout_overrides(tp, pp, dp, schedule))
+    assert_matches_reference(_layout_overrides(tp, pp, dp, schedule))
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2, 4, 8], ids=lambda m: f"m{m}")
 def test_micro_batch_counts_around_pp(micro_batches):
     # pp=4: fewer micro-batches than stages, one, equal, and more.
-    _check_against_reference(_layout_overrides(pp=4, micro_batches=micro_batches), steps=1)
+    assert_matches_reference(_layout_overrides(pp=4, micro_batches=micro_batches), steps=1)
 
 
 def test_uneven_layers_per_stage():
     overrides = _layout_overrides(pp=2, micro_batches=3, **{"model.n_layer": 5,
                                                             "train.global_batch": 6})
-    _check_against_reference(overrides, steps=1)
+    assert_matches_reference(overrides, steps=1)
     explicit = _layout_overrides(pp=2, micro_batches=2, **{"layout.layers_per_stage": [1, 3]})
-    _check_against_reference(explicit, steps=1)
+    assert_matches_reference(explicit, steps=1)
 
 
 def _tied_copies_job(rank, world_size, overrides, steps):
@@ -85,7 +74,7 @@ def test_tied_embedding_copies_stay_bitwise_equal(pp):
     if pp == 3:
         middle = next(r for r in results if r["pp_rank"] == 1)
         assert middle["copies"][0] is None, "a middle stage must not hold the embedding"
-    _check_against_reference(overrides, steps=3)
+    assert_matches_reference(overrides, steps=3)
 
 
 def test_grad_norm_matches_single_process():
@@ -146,8 +135,8 @@ _OVERLAP_CASES = [(1, 1, "1f1b"), (1, 2, "1f1b"), (2, 2, "zb-h1"), (1, 2, "zb-v"
 @pytest.mark.parametrize("tp,pp,schedule", _OVERLAP_CASES,
                          ids=[f"tp{t}-pp{p}-{s}" for t, p, s in _OVERLAP_CASES])
 def test_dp_reduction_overlapped_with_backward(tp, pp, schedule):
-    # Buckets of a few KiB, so that most start during the last backward passes; the first step
-    # counts gradient contributions, and steps 2 and 3 overlap.
+    # Buckets of a few KiB, so that most of them start during the last backward passes. The first
+    # step counts gradient contributions, so only steps 2 and 3 overlap.
     extra = {"train.grad_bucket_mb": 0.01}
     if schedule == "zb-v":
         extra["layout.virtual_stages"] = 2

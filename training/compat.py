@@ -189,7 +189,7 @@ class Strategy:
 
 @functools.lru_cache(maxsize=None)
 def config_has_key(key: str) -> bool:
-    """Whether the run config of this build has `key` (`section.key`)."""
+    """Return whether the run config of this build has `key` (`section.key`)."""
     from training.config import RunConfig
 
     section, _, name = key.partition(".")
@@ -374,7 +374,7 @@ def schedule_problems(strategy: Strategy, context: Context) -> list[str]:
 
 
 def has_effect(strategy: Strategy, context: Context) -> bool:
-    """Whether every non-default value of `strategy` changes something in `context`."""
+    """Return whether every non-default value of `strategy` changes something in `context`."""
     if strategy.sequence_parallel and context.tp == 1:
         return False
     if strategy.zero1 and context.dp == 1:
@@ -447,7 +447,12 @@ def markdown_table() -> str:
              "|---|---|---|---|---|---|"]
     for rule in SCHEDULE_RULES.values():
         low, high = rule.virtual_stages
-        stages = str(low) if low == high else f">= {low}" if high is None else f"{low} to {high}"
+        if low == high:
+            stages = str(low)
+        elif high is None:
+            stages = f">= {low}"
+        else:
+            stages = f"{low} to {high}"
         a, c = rule.min_micro_batches
         micro = "any" if a == 0 else f">= {a} pp {'-' if c < 0 else '+'} {abs(c)}"
         backward = "split into I and W" if rule.split_backward else "full B"

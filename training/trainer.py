@@ -207,12 +207,12 @@ class Trainer:
     def _grads_changed_after_backward(self) -> list[nn.Parameter]:
         """Return the parameters whose gradients `compute_gradients` still sums after the
         pipeline's backward passes: the tied embedding and the sequence-parallel LayerNorms."""
-        held = []
+        changed = []
         if self.tied_copies and (self.holds_first_stage or self.holds_last_stage):
-            held.append(dict(self.named_params)["transformer.wte.weight"])
+            changed.append(dict(self.named_params)["transformer.wte.weight"])
         if self.mesh.tp.size > 1:
-            held += [p for p in self.params if getattr(p, "sequence_parallel", False)]
-        return held
+            changed += [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        return changed
 
     def _sum_tied_embedding_grads(self) -> None:
         if not self.tied_copies or not (self.holds_first_stage or self.holds_last_stage):

@@ -24,8 +24,9 @@ def draw_timelines(panels: list[tuple[str, SimulationResult, str]], path: str | 
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
     except ImportError as error:
-        raise RuntimeError("drawing needs matplotlib, the `plot` extra: pip install -e \".[plot]\" "
-                           "in a clone of microtron, or pip install matplotlib") from error
+        raise RuntimeError("matplotlib not found: drawing a schedule needs the `plot` extra; "
+                           "install it with pip install -e \".[plot]\" in a clone of microtron, "
+                           "or with pip install matplotlib") from error
 
     num_ranks = max(result.num_ranks for _, result, _ in panels)
     figure, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 0.55 * num_ranks + 1.6),
