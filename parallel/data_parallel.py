@@ -151,8 +151,8 @@ class GradientBuffer:
 
 
 class _Overlap:
-    """Counts each parameter's gradient contributions in a step and starts a bucket's
-    all-reduce when the last of its gradients has had its last contribution."""
+    """A per-step count of each parameter's gradient contributions, which starts a bucket's
+    all-reduce once every gradient in it has had its last contribution."""
 
     def __init__(self, grads: GradientBuffer, held_back: set[int]):
         self.grads = grads
@@ -190,7 +190,7 @@ class _Overlap:
             raise RuntimeError(
                 f"unexpected gradient: the parameter of shape {tuple(param.shape)} received "
                 f"contribution {self.seen[key]} in this step, but only {self.expected[key]} in the "
-                f"first step, and its bucket's all-reduce has already started. Every step must "
+                f"first step, so its bucket's all-reduce may have started without it. Every step must "
                 f"run the same backward passes (the same schedule and micro-batches).")
         if self.seen[key] == self.expected[key]:
             self.waiting[bucket] -= 1
